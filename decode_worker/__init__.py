@@ -1,0 +1,1 @@
+"""Decode worker: a vLLM OpenAI server in the KV-consumer role."""

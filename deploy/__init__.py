@@ -1,0 +1,1 @@
+"""Deployment: the pdserve CLI, topology schema and Ray orchestration."""

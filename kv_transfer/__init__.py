@@ -1,0 +1,1 @@
+"""TCP pull KV-transfer connector for vLLM (out-of-tree KVConnectorBase_V1)."""

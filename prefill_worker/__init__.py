@@ -1,0 +1,1 @@
+"""Prefill worker: a vLLM OpenAI server in the KV-producer role."""
