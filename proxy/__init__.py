@@ -1,1 +1,2 @@
-"""The pdserve global proxy: OpenAI-compatible xPyD routing over vLLM's kv_transfer_params handoff."""
+"""The pdserve global proxy: OpenAI-compatible xPyD routing over vLLM's
+kv_transfer_params handoff."""

@@ -25,6 +25,8 @@ class Instance:
     healthy: bool = True
     draining: bool = False
     consecutive_failures: int = 0
+    # Health checks passed in a row while ejected; re-admission needs a few of them.
+    consecutive_successes: int = 0
     in_flight_requests: int = 0
     # Prompt plus requested output tokens of every request still in flight here.
     in_flight_tokens: int = 0

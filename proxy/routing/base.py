@@ -42,8 +42,11 @@ class RoutingPolicy(ABC):
     @abstractmethod
     def select(self, candidates: Sequence[Instance], request: RoutingRequest) -> Instance: ...
 
-    def observe(self, instance: Instance, request: RoutingRequest, elapsed_s: float) -> None:
+    # Optional hooks: a stateless policy simply inherits these no-ops.
+    def observe(  # noqa: B027
+        self, instance: Instance, request: RoutingRequest, elapsed_s: float
+    ) -> None:
         """Feedback after a leg routed by this policy finished successfully in ``elapsed_s``."""
 
-    def forget(self, instance: Instance) -> None:
+    def forget(self, instance: Instance) -> None:  # noqa: B027
         """The instance left the pool; drop any state kept for it."""

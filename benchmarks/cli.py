@@ -1,0 +1,48 @@
+"""``pdserve bench NAME [options]``: run one benchmark module.
+
+Each benchmark is a module of this package with its own ``add_arguments(parser)``
+and ``run(args) -> int``. The module is imported only when its benchmark runs, so a
+benchmark with heavy dependencies (vLLM, torch) costs nothing to the others and to
+``pdserve --help``; ``pdserve bench NAME --help`` shows that benchmark's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from deploy.cli import CliError
+
+# name -> (module, one-line help). Adding a benchmark is a module plus a line here.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "proxy": (
+        "benchmarks.proxy_overhead",
+        "added latency and CPU per request of the proxy, against fake workers",
+    ),
+    "kv": ("benchmarks.kv_transfer", "KV transfer throughput and latency"),
+    "load": ("benchmarks.loadgen", "closed-loop OpenAI load against any server"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    listing = "\n".join(f"  {name:<8} {help_text}" for name, (_, help_text) in BENCHMARKS.items())
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = f"benchmarks:\n{listing}\n\n`pdserve bench NAME --help` lists NAME's options."
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS), metavar="NAME", help="benchmark")
+    # Everything after NAME belongs to the benchmark's own parser, built in run().
+    parser.add_argument("benchmark_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    name: str = args.benchmark
+    module_name, help_text = BENCHMARKS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise CliError(f"benchmark {name!r} is unavailable: no module {module_name}") from None
+        raise CliError(f"benchmark {name!r} cannot start: {exc}") from None
+    parser = argparse.ArgumentParser(prog=f"pdserve bench {name}", description=help_text)
+    module.add_arguments(parser)
+    bench_args = parser.parse_args(args.benchmark_args)
+    return int(module.run(bench_args) or 0)

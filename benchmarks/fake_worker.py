@@ -1,0 +1,342 @@
+"""A stand-in for a vLLM worker (prefill or decode role), for tests and proxy benchmarks.
+
+It speaks the parts of vLLM's OpenAI server a PD proxy touches: ``/v1/completions``
+and ``/v1/chat/completions`` (JSON or SSE), ``/v1/models`` and ``/health``. A prefill
+worker asked with ``kv_transfer_params: {"do_remote_decode": true}`` answers one
+token and a ``kv_transfer_params`` dict shaped like a vLLM NIXL producer's; a decode
+worker streams N tokens. Every request is recorded (path, headers, JSON body), and
+fault knobs make it fail, hang, stall, drop streams or fail health checks.
+
+In-process::
+
+    worker = FakeWorker("decode", tokens=8)
+    await worker.start(); ...; await worker.stop()
+
+As a process: ``python -m benchmarks.fake_worker --role prefill --port 18100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any  # the parsed JSON body, or None
+
+
+@dataclass
+class Faults:
+    """Misbehaviour switches; tests flip them on a running worker."""
+
+    fail_requests: int = 0  # the next N generate requests answer ``fail_status``
+    fail_status: int = 500
+    hang: bool = False  # generate requests never answer
+    delay_s: float = 0.0  # wait before answering a generate request
+    first_chunk_delay_s: float = 0.0  # streams: pause between the headers and the first chunk
+    stall_after_chunks: int | None = None  # streams: go silent after N chunks
+    drop_after_chunks: int | None = None  # streams: cut the connection after N chunks
+    unhealthy: bool = False  # /health answers 503
+    omit_kv_transfer_params: bool = False  # prefill answers without kv_transfer_params
+
+
+@dataclass
+class FakeWorker:
+    role: str = "decode"
+    host: str = "127.0.0.1"
+    port: int = 0
+    model: str = "fake-model"
+    tokens: int = 16  # output tokens when the request sets no max_tokens
+    token_delay_s: float = 0.0
+    record: bool = True
+    faults: Faults = field(default_factory=Faults)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    # Generate requests whose client (the proxy) went away before the answer ended.
+    disconnects: int = 0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        self._runner: web.AppRunner | None = None
+        self._ids = itertools.count()
+        self.disconnected = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def generate_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.startswith("/v1/") and r.method == "POST"]
+
+    # -- handlers -----------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self._record(request, None)
+        return web.Response(status=503 if self.faults.unhealthy else 200)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self._record(request, None)
+        card = {
+            "id": self.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "vllm",
+            "root": self.model,
+            "parent": None,
+            "max_model_len": 4096,
+        }
+        return web.Response(
+            body=_dumps({"object": "list", "data": [card]}), content_type="application/json"
+        )
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            return await self._answer(request, chat)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects += 1
+            self.disconnected.set()
+            raise
+
+    async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self._record(request, None)
+            return _error(400, "invalid JSON")
+        self._record(request, body)
+        faults = self.faults
+        if faults.hang:
+            await asyncio.Event().wait()
+        if faults.delay_s:
+            await asyncio.sleep(faults.delay_s)
+        if faults.fail_requests > 0:
+            faults.fail_requests -= 1
+            return _error(faults.fail_status, f"injected failure {faults.fail_status}")
+        if body.get("model") not in (None, self.model):
+            return _error(404, f"The model `{body.get('model')}` does not exist.")
+        kv_in = body.get("kv_transfer_params") or {}
+        n = int(body.get("n") or 1)
+        if self.role == "prefill":
+            count = 1
+        else:
+            limit = body.get("max_completion_tokens") or body.get("max_tokens")
+            count = int(limit) if limit else self.tokens
+        request_id = request.headers.get("X-Request-Id") or f"fake-{next(self._ids)}"
+        kv_out = None
+        wants_kv = kv_in.get("do_remote_decode") and not faults.omit_kv_transfer_params
+        if self.role == "prefill" and wants_kv:
+            kv_out = self._kv_transfer_params(request_id)
+        usage = {
+            "prompt_tokens": _prompt_tokens(body, chat),
+            "completion_tokens": count * n,
+            "total_tokens": _prompt_tokens(body, chat) + count * n,
+        }
+        if body.get("stream"):
+            return await self._stream(request, body, chat, request_id, count, n, usage)
+        choices = [
+            _choice(chat, index, "".join(_token(i) for i in range(count)), "length")
+            for index in range(n)
+        ]
+        payload = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + request_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+            "kv_transfer_params": kv_out,
+        }
+        return web.Response(body=_dumps(payload), content_type="application/json")
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        chat: bool,
+        request_id: str,
+        count: int,
+        n: int,
+        usage: dict[str, int],
+    ) -> web.StreamResponse:
+        faults = self.faults
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await out.prepare(request)
+        base = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + request_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+        }
+        if faults.first_chunk_delay_s:
+            await asyncio.sleep(faults.first_chunk_delay_s)
+        sent = 0
+        for i in range(count):
+            for index in range(n):
+                if faults.drop_after_chunks is not None and sent >= faults.drop_after_chunks:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return out
+                if faults.stall_after_chunks is not None and sent >= faults.stall_after_chunks:
+                    await asyncio.Event().wait()
+                finish = "length" if i == count - 1 else None
+                if chat:
+                    delta: dict[str, Any] = {"content": _token(i)}
+                    if i == 0:
+                        delta["role"] = "assistant"
+                    choice: dict[str, Any] = {
+                        "index": index, "delta": delta, "logprobs": None, "finish_reason": finish
+                    }  # fmt: skip
+                else:
+                    choice = {
+                        "index": index, "text": _token(i), "logprobs": None,
+                        "finish_reason": finish,
+                    }  # fmt: skip
+                await out.write(b"data: " + _dumps({**base, "choices": [choice]}) + b"\n\n")
+                sent += 1
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage", True):
+            await out.write(b"data: " + _dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    def _kv_transfer_params(self, request_id: str) -> dict[str, Any]:
+        # The fields a vLLM NIXL-style producer returns from request_finished().
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": f"fake-engine-{self.port}",
+            "remote_request_id": f"{request_id}-{next(self._ids):08x}",
+            "remote_host": self.host,
+            "remote_port": self.port + 7000,
+            "remote_block_ids": [[1, 2, 3]],
+            "remote_blocks_expiry_time": time.time() + 30.0,
+            "tp_size": 1,
+            "block_size": 16,
+        }
+
+    def _record(self, request: web.Request, body: Any) -> None:
+        if self.record:
+            self.requests.append(
+                RecordedRequest(request.method, request.path, dict(request.headers), body)
+            )
+
+
+def _dumps(payload: Any) -> bytes:
+    return orjson.dumps(payload)
+
+
+def _token(i: int) -> str:
+    return f" tok{i}"
+
+
+def _choice(chat: bool, index: int, text: str, finish: str) -> dict[str, Any]:
+    if chat:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def _prompt_tokens(body: dict[str, Any], chat: bool) -> int:
+    if chat:
+        messages = body.get("messages") or []
+        return sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt.split())
+    if isinstance(prompt, list):
+        return len(prompt)
+    return 0
+
+
+def _error(status: int, message: str) -> web.Response:
+    kind = "BadRequestError" if status < 500 else "InternalServerError"
+    if status == 404:
+        kind = "NotFoundError"
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.Response(status=status, body=_dumps(body), content_type="application/json")
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    worker = FakeWorker(
+        role=args.role,
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        tokens=args.tokens,
+        token_delay_s=args.token_delay_ms / 1000.0,
+        record=False,
+    )
+    await worker.start()
+    print(f"fake {worker.role} worker on {worker.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await worker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="fake vLLM worker for proxy tests and benchmarks")
+    parser.add_argument("--role", choices=ROLES, default="decode")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--tokens", type=int, default=16, help="output tokens without max_tokens")
+    parser.add_argument("--token-delay-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    import uvloop
+
+    uvloop.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Where a running `pdserve up` leaves the facts `down`, `status` and `scale` need.
+
+One JSON file per state directory (default ``~/.cache/pdserve/run``, or
+``$PDSERVE_STATE_DIR``, or ``--state-dir``): the Ray address and namespace, whether
+``up`` started Ray itself, its pid, and the proxy's URLs. It may hold the admin token,
+so it is written 0600.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE_DIR = Path("~/.cache/pdserve/run")
+STATE_FILE = "cluster.json"
+
+
+@dataclass(slots=True)
+class ClusterState:
+    ray_address: str
+    namespace: str
+    auth_mode: str  # RAY_AUTH_MODE the cluster runs with ("token" or "disabled")
+    started_ray: bool  # True: `up` owns a local Ray cluster and stops it on exit
+    up_pid: int
+    foreground: bool  # `up` stays attached; `down` signals it instead of tearing down itself
+    api_url: str
+    metrics_url: str
+    admin_url: str
+    admin_token: str | None
+    run_dir: str
+    temp_dir: str | None = None
+
+
+def add_state_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="where `pdserve up` records the running cluster "
+        f"(default $PDSERVE_STATE_DIR or {DEFAULT_STATE_DIR})",
+    )
+
+
+def state_dir(value: str | None) -> Path:
+    raw = value or os.environ.get("PDSERVE_STATE_DIR") or str(DEFAULT_STATE_DIR)
+    return Path(raw).expanduser().resolve()
+
+
+def write_state(directory: Path, state: ClusterState) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(asdict(state), handle, indent=2)
+    os.replace(tmp, path)
+
+
+def read_state(directory: Path) -> ClusterState | None:
+    try:
+        data: dict[str, Any] = json.loads((directory / STATE_FILE).read_text())
+        return ClusterState(**data)
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"state file {directory / STATE_FILE} is unreadable: {exc}") from None
+
+
+def clear_state(directory: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (directory / STATE_FILE).unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill_recorded_workers(directory: Path) -> None:
+    """Last resort: worker process groups whose actor died without stopping them."""
+    from deploy.instance_actor import kill_process_group
+
+    pid_dir = directory / "pids"
+    if not pid_dir.is_dir():
+        return
+    for pid_file in pid_dir.glob("*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            kill_process_group(int(pid_file.read_text().strip()))
+        pid_file.unlink(missing_ok=True)
+
+
+def connect(state: ClusterState) -> None:
+    """Attach this process to the cluster as a Ray driver (token auth included).
+
+    Ray reads the token itself (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``), but only looks for one when ``RAY_AUTH_MODE=token``.
+    """
+    import ray
+
+    if state.auth_mode == "token":
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(
+        address=state.ray_address,
+        namespace=state.namespace,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        configure_logging=True,
+    )
+
+
+def get_controller(state: ClusterState) -> Any:
+    import ray
+
+    from deploy.controller import CONTROLLER_NAME
+
+    return ray.get_actor(CONTROLLER_NAME, namespace=state.namespace)

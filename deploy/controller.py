@@ -1,0 +1,515 @@
+"""The cluster controller: a detached, named Ray actor that owns one xPyD deployment.
+
+It creates one placement group per pool (and one more per scale-up step), launches an
+instance actor (:mod:`deploy.instance_actor`) per prefill/decode instance and the proxy
+actor (:mod:`deploy.proxy_actor`), and every ``reconcile_interval_s`` pushes the set of
+ready instances into the proxy through the proxy's admin API. The proxy therefore learns
+its upstreams from Ray, and after a proxy restart its registry is refilled within one
+pass. Instance and proxy actors are owned by the controller: they share its fate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from deploy.instance_actor import InstancePlan, port_is_free
+from deploy.topology import Topology, validate_topology
+
+logger = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "pdserve-controller"
+ROLES = ("prefill", "decode")
+# A pool's placement group that cannot be placed within this time never will be.
+_PLACEMENT_TIMEOUT_S = 30.0
+_ACTOR_CALL_TIMEOUT_S = 10.0
+
+
+class ControllerError(RuntimeError):
+    """A request to the controller cannot be honoured; the message is user-facing."""
+
+
+@dataclass
+class InstanceRecord:
+    plan: InstancePlan
+    actor: Any
+    group: str  # key into Controller._groups
+    state: str = "launching"  # launching | running | draining | failed
+    ever_ready: bool = False
+    url: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class _Group:
+    placement_group: Any
+    members: set[str] = field(default_factory=set)
+
+
+class Controller:
+    """Body of the controller actor (an async actor, wrapped with ``ray.remote``)."""
+
+    def __init__(self, topology: dict[str, Any], run_dir: str) -> None:
+        self._topology: Topology = validate_topology(topology, source="controller")
+        self._run_dir = run_dir
+        self._records: dict[str, InstanceRecord] = {}
+        self._groups: dict[str, _Group] = {}
+        self._group_seq = 0
+        self._core_use: Counter[int] = Counter()
+        self._proxy: Any = None
+        self._reconciler: asyncio.Task[None] | None = None
+        self._http: Any = None
+        self._sync_lock: asyncio.Lock | None = None
+        self._scale_lock: asyncio.Lock | None = None
+        self._last_sd: dict[str, list[str]] | None = None
+        self._shutting_down = False
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def ping(self) -> str:
+        return "ok"
+
+    def urls(self) -> dict[str, str]:
+        proxy = self._topology.proxy
+        host = _display_host(proxy.host)
+        admin_host = _display_host(proxy.admin.host)
+        return {
+            "api": f"http://{host}:{proxy.port}/v1",
+            "metrics": f"http://{host}:{proxy.port}/metrics",
+            "admin": f"http://{admin_host}:{proxy.admin.port}",
+        }
+
+    async def start_proxy(self) -> dict[str, str]:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from deploy.proxy_actor import ProxyHost
+
+        self._sync_lock = asyncio.Lock()
+        self._scale_lock = asyncio.Lock()
+        # The proxy lives on the controller's node: the admin API listens on loopback.
+        node_id = ray.get_runtime_context().get_node_id()
+        self._proxy = (
+            ray.remote(ProxyHost)
+            .options(
+                name="pdserve-proxy",
+                num_cpus=0,
+                max_restarts=-1,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            )
+            .remote(self._topology.proxy.model_dump(mode="json"))
+        )
+        await asyncio.wait_for(self._proxy.ensure_started.remote(), timeout=120)
+        self._reconciler = asyncio.create_task(self._reconcile_forever())
+        return self.urls()
+
+    async def launch(self) -> list[str]:
+        """Place and start the topology's instances; returns their names (not yet ready)."""
+        names: list[str] = []
+        for role in ROLES:
+            count = self._topology.pool(role).replicas
+            if count:
+                names += [rec.plan.name for rec in await self._launch_pool(role, count)]
+        return names
+
+    async def wait_ready(self, name: str) -> dict[str, Any]:
+        record = self._records.get(name)
+        if record is None:
+            raise ControllerError(f"no instance {name}")
+        timeout = self._topology.controller.ready_timeout_s
+        try:
+            info = await asyncio.wait_for(record.actor.wait_ready.remote(timeout), timeout + 30)
+        except Exception as exc:
+            record.state = "failed"
+            record.error = _one_line(exc)
+            raise ControllerError(f"{name} did not become ready: {record.error}") from None
+        record.info = info
+        record.url = info["url"]
+        record.ever_ready = True
+        record.state = "running"
+        await self._sync_proxy()
+        return dict(info)
+
+    async def shutdown(self) -> None:
+        """Stop every worker process, then the proxy, then release the placement groups."""
+        import ray
+
+        self._shutting_down = True
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+        records = list(self._records.values())
+        await asyncio.gather(*(self._stop_actor(r) for r in records), return_exceptions=True)
+        self._records.clear()
+        if self._proxy is not None:
+            try:
+                await asyncio.wait_for(self._proxy.stop.remote(), 30)
+            except Exception as exc:
+                logger.warning("proxy stop failed: %s", _one_line(exc))
+            ray.kill(self._proxy, no_restart=True)
+            self._proxy = None
+        for group in self._groups.values():
+            ray.util.remove_placement_group(group.placement_group)
+        self._groups.clear()
+        self._write_file_sd()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # -- queries --------------------------------------------------------------------
+
+    async def instances(self) -> list[dict[str, Any]]:
+        await self._refresh_infos()
+        rows = []
+        for record in sorted(
+            self._records.values(), key=lambda r: (ROLES.index(r.plan.role), r.plan.index)
+        ):
+            row = dict(record.info)
+            row.update(
+                name=record.plan.name,
+                role=record.plan.role,
+                url=record.url or row.get("url", ""),
+                controller_state=record.state,
+                error=record.error,
+            )
+            rows.append(row)
+        return rows
+
+    def topology(self) -> dict[str, Any]:
+        return self._topology.model_dump(mode="json")
+
+    # -- scaling --------------------------------------------------------------------
+
+    async def scale(self, prefill: int | None, decode: int | None) -> dict[str, Any]:
+        """Resize the pools; removed instances drain (no new requests, in-flight finish)."""
+        assert self._scale_lock is not None, "start_proxy() first"
+        async with self._scale_lock:
+            try:
+                target = self._topology.with_replicas(prefill, decode)
+            except ValueError as exc:
+                raise ControllerError(str(exc)) from None
+            adds: dict[str, int] = {}
+            removes: list[InstanceRecord] = []
+            for role in ROLES:
+                live = sorted(
+                    (
+                        r
+                        for r in self._records.values()
+                        if r.plan.role == role and r.state != "draining"
+                    ),
+                    key=lambda r: r.plan.index,
+                )
+                want = target.pool(role).replicas
+                if want > len(live):
+                    adds[role] = want - len(live)
+                elif want < len(live):
+                    # Newest first: they sit in the newest placement groups, which then empty.
+                    removes += live[want:]
+            self._check_capacity(adds)
+            self._topology = target
+            launched: list[InstanceRecord] = []
+            for role, count in adds.items():
+                launched += await self._launch_pool(role, count)
+            await asyncio.gather(*(self.wait_ready(r.plan.name) for r in launched))
+            await asyncio.gather(*(self._retire(r) for r in removes))
+            return {
+                "prefill": target.prefill.replicas,
+                "decode": target.decode.replicas,
+                "added": [r.plan.name for r in launched],
+                "removed": [r.plan.name for r in removes],
+            }
+
+    def _check_capacity(self, adds: dict[str, int]) -> None:
+        import ray
+
+        available = ray.available_resources()
+        needed: dict[str, float] = {}
+        for role, count in adds.items():
+            for key, amount in self._topology.pool(role).resources.ray_bundle().items():
+                needed[key] = needed.get(key, 0.0) + amount * count
+        for key, amount in needed.items():
+            have = available.get(key, 0.0)
+            if amount > have + 1e-9:
+                raise ControllerError(
+                    f"not enough {key} for {', '.join(f'{n} more {r}' for r, n in adds.items())}: "
+                    f"needs {amount:g}, the cluster has {have:g} free"
+                )
+
+    async def _retire(self, record: InstanceRecord) -> None:
+        record.state = "draining"
+        url = record.url
+        if url:
+            await self._admin("POST", "/admin/instances/drain", json={"url": url}, ok=(200, 404))
+            deadline = time.monotonic() + self._topology.controller.drain_timeout_s
+            while time.monotonic() < deadline:
+                entry = await self._proxy_entry(url)
+                if entry is None or int(entry.get("in_flight_requests", 0)) == 0:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                logger.warning("%s: drain timed out; stopping with requests in flight", url)
+            await self._admin("DELETE", "/admin/instances", params={"url": url}, ok=(200, 404))
+        await self._stop_actor(record)
+        self._records.pop(record.plan.name, None)
+        self._write_file_sd()
+
+    # -- launching ------------------------------------------------------------------
+
+    async def _launch_pool(self, role: str, count: int) -> list[InstanceRecord]:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from deploy.instance_actor import InstanceSupervisor
+
+        pool = self._topology.pool(role)
+        bundle = pool.resources.ray_bundle()
+        self._group_seq += 1
+        key = f"{role}-{self._group_seq}"
+        group = placement_group(
+            [dict(bundle) for _ in range(count)], strategy=pool.placement_strategy.value
+        )
+        try:
+            await asyncio.wait_for(group.ready(), _PLACEMENT_TIMEOUT_S)
+        except TimeoutError:
+            ray.util.remove_placement_group(group)
+            raise ControllerError(
+                f"{role}: cannot place {count} x {bundle} ({pool.placement_strategy.value}); "
+                f"cluster has {ray.available_resources()} free"
+            ) from None
+        self._groups[key] = _Group(group)
+        records = []
+        for bundle_index in range(count):
+            plan = self._plan(role)
+            self._check_ports(plan)
+            actor = (
+                ray.remote(InstanceSupervisor)
+                .options(
+                    name=f"pdserve-{plan.name}",
+                    num_cpus=pool.resources.cpus,
+                    num_gpus=pool.resources.gpus,
+                    resources=_custom_resources(pool.resources.ray_bundle()),
+                    max_restarts=self._topology.ray.max_restarts,
+                    max_concurrency=8,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        group, placement_group_bundle_index=bundle_index
+                    ),
+                )
+                .remote(plan)
+            )
+            record = InstanceRecord(plan=plan, actor=actor, group=key)
+            self._records[plan.name] = record
+            self._groups[key].members.add(plan.name)
+            records.append(record)
+        return records
+
+    def _plan(self, role: str) -> InstancePlan:
+        pool = self._topology.pool(role)
+        used = {r.plan.index for r in self._records.values() if r.plan.role == role}
+        index = next(i for i in range(pool.max_replicas) if i not in used)
+        name = f"{role}-{index}"
+        return InstancePlan(
+            name=name,
+            role=role,
+            index=index,
+            model=str(self._topology.model_path()),
+            served_model_name=self._topology.served_model_name,
+            kv_secret=self._topology.kv_secret,
+            host=self._topology.worker_host,
+            api_port=pool.port + index,
+            kv_port=pool.kv_port + index if pool.kv_port is not None else None,
+            cpu_core=self._assign_core(role, index),
+            kv_cache_gib=pool.kv_cache_gib,
+            accelerator=self._topology.accelerator.value,
+            run_dir=self._run_dir,
+            engine_id=f"pdserve-{name}",
+            vllm_args=list(pool.vllm_args),
+            env=dict(pool.env),
+            ready_timeout_s=self._topology.controller.ready_timeout_s,
+            restart_backoff_s=self._topology.controller.restart_backoff_s,
+            restart_backoff_max_s=self._topology.controller.restart_backoff_max_s,
+        )
+
+    def _assign_core(self, role: str, index: int) -> int | None:
+        if self._topology.accelerator.value != "cpu":
+            return None
+        cores = self._topology.pool(role).resources.cpu_cores
+        if cores:
+            core = cores[index % len(cores)]
+        else:
+            candidates = range(os.cpu_count() or 1)
+            core = min(candidates, key=lambda c: (self._core_use[c], c))
+        self._core_use[core] += 1
+        return core
+
+    def _check_ports(self, plan: InstancePlan) -> None:
+        # Only meaningful when the worker binds on this node; multi-node binds 0.0.0.0.
+        if plan.host not in ("127.0.0.1", "localhost"):
+            return
+        for port in (plan.api_port, plan.kv_port):
+            if port and not port_is_free(plan.host, port):
+                field_name = "port" if port == plan.api_port else "kv_port"
+                raise ControllerError(
+                    f"{plan.role}.{field_name}: port {port} ({plan.name}) is in use"
+                )
+
+    async def _stop_actor(self, record: InstanceRecord) -> None:
+        import ray
+
+        try:
+            await asyncio.wait_for(record.actor.stop.remote(), 60)
+        except Exception as exc:
+            logger.warning("%s: stop failed: %s", record.plan.name, _one_line(exc))
+        ray.kill(record.actor, no_restart=True)
+        if record.plan.cpu_core is not None:
+            self._core_use[record.plan.cpu_core] -= 1
+        group = self._groups.get(record.group)
+        if group is not None:
+            group.members.discard(record.plan.name)
+            if not group.members and not self._shutting_down:
+                ray.util.remove_placement_group(group.placement_group)
+                del self._groups[record.group]
+
+    # -- reconciling the proxy ------------------------------------------------------
+
+    async def _reconcile_forever(self) -> None:
+        interval = self._topology.controller.reconcile_interval_s
+        while not self._shutting_down:
+            try:
+                await self._reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("reconcile pass failed: %s", _one_line(exc))
+            await asyncio.sleep(interval)
+
+    async def _reconcile_once(self) -> None:
+        if self._proxy is None:
+            return
+        restarted = await asyncio.wait_for(self._proxy.ensure_started.remote(), 120)
+        if restarted:
+            logger.warning("proxy was restarted; re-registering instances")
+        await self._refresh_infos()
+        await self._sync_proxy()
+
+    async def _refresh_infos(self) -> None:
+        async def refresh(record: InstanceRecord) -> None:
+            try:
+                record.info = await asyncio.wait_for(
+                    record.actor.info.remote(), _ACTOR_CALL_TIMEOUT_S
+                )
+            except Exception as exc:
+                record.info = {**record.info, "state": "unreachable", "detail": _one_line(exc)}
+
+        await asyncio.gather(*(refresh(r) for r in list(self._records.values())))
+
+    async def _sync_proxy(self) -> None:
+        assert self._sync_lock is not None
+        async with self._sync_lock:
+            if self._shutting_down:
+                return
+            current = await self._proxy_entries()
+            desired = {
+                r.url: r.plan.role
+                for r in self._records.values()
+                if r.ever_ready and r.state == "running"
+            }
+            draining = {r.url for r in self._records.values() if r.state == "draining"}
+            for url, role in desired.items():
+                if url not in current:
+                    await self._admin(
+                        "POST", "/admin/instances", json={"url": url, "role": role}, ok=(201, 409)
+                    )
+            for url in current:
+                if url not in desired and url not in draining:
+                    await self._admin(
+                        "DELETE", "/admin/instances", params={"url": url}, ok=(200, 404)
+                    )
+            self._write_file_sd()
+
+    async def _proxy_entries(self) -> dict[str, dict[str, Any]]:
+        body = await self._admin("GET", "/admin/instances")
+        return {entry["url"]: entry for entry in body.get("instances", [])}
+
+    async def _proxy_entry(self, url: str) -> dict[str, Any] | None:
+        return (await self._proxy_entries()).get(url)
+
+    async def _admin(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        ok: tuple[int, ...] = (200,),
+    ) -> dict[str, Any]:
+        import aiohttp
+
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        admin = self._topology.proxy.admin
+        headers = {"Authorization": f"Bearer {admin.token}"} if admin.token else {}
+        url = f"http://{_connect_host(admin.host)}:{admin.port}{path}"
+        async with self._http.request(
+            method, url, json=json, params=params, headers=headers
+        ) as resp:
+            if resp.status not in ok:
+                text = (await resp.text())[:200]
+                raise ControllerError(f"admin {method} {path} -> {resp.status}: {text}")
+            if resp.content_type == "application/json":
+                data = await resp.json()
+                return data if isinstance(data, dict) else {}
+            return {}
+
+    def _write_file_sd(self) -> None:
+        path = self._topology.prometheus.file_sd_path
+        if not path:
+            return
+        proxy = self._topology.proxy
+        targets: dict[str, list[str]] = {
+            "proxy": [] if self._shutting_down else [f"{_display_host(proxy.host)}:{proxy.port}"],
+            "prefill": [],
+            "decode": [],
+        }
+        for record in self._records.values():
+            if record.ever_ready and record.state == "running" and not self._shutting_down:
+                targets[record.plan.role].append(record.url)
+        targets = {job: sorted(urls) for job, urls in targets.items()}
+        if targets == self._last_sd:
+            return
+        from deploy.prometheus_sd import write_file_sd
+
+        try:
+            write_file_sd(targets, os.path.expanduser(path))
+            self._last_sd = targets
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot write Prometheus file-SD %s: %s", path, exc)
+
+
+def _custom_resources(bundle: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+
+
+def _display_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        try:
+            import ray
+
+            return str(ray.util.get_node_ip_address())
+        except Exception:
+            return "127.0.0.1"
+    return host
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "cause", None) or exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

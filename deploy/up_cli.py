@@ -1,0 +1,353 @@
+"""`pdserve up`: start an xPyD cluster on Ray from a topology file (or the built-in 1P1D).
+
+Stages, one progress line each: validate the topology and preflight (nothing runs
+yet), make the tiny model if needed, start or join Ray, start the controller, the
+proxy, then every instance. `up` stays in the foreground; Ctrl-C, SIGTERM or
+`pdserve down` stop everything it started, Ray included when `up` started Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from deploy.cli import CliError
+from deploy.cluster_state import (
+    ClusterState,
+    add_state_dir_argument,
+    clear_state,
+    kill_recorded_workers,
+    pid_alive,
+    read_state,
+    state_dir,
+    write_state,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="topology YAML (default: 1 prefill + 1 decode on CPU, tiny model)",
+    )
+    parser.add_argument(
+        "--address", default=None, help="join this Ray cluster instead of starting one"
+    )
+    parser.add_argument(
+        "--namespace", default=None, help="Ray namespace (default: the topology's ray.namespace)"
+    )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="with --address: return once ready and leave the cluster running "
+        "(stop it with `pdserve down`)",
+    )
+    add_state_dir_argument(parser)
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self._t0 = time.monotonic()
+
+    def __call__(self, stage: str, message: str) -> None:
+        print(f"[{time.monotonic() - self._t0:6.1f}s] {stage:<10} {message}", flush=True)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from deploy.preflight import (
+        PreflightError,
+        check_model,
+        check_ports,
+        check_resources,
+        local_resources,
+    )
+    from deploy.topology import TopologyError, load_topology
+
+    progress = _Progress()
+    directory = state_dir(args.state_dir)
+    try:
+        topology = load_topology(args.config)
+        if args.address:
+            topology.ray.address = args.address
+        if args.namespace:
+            topology.ray.namespace = args.namespace
+        if args.detach and not topology.ray.address:
+            raise CliError(
+                "--detach needs --address (a local Ray cluster lives as long as `pdserve up`)"
+            )
+        check_model(topology)
+        check_ports(topology)
+        if topology.ray.address is None:
+            check_resources(topology, local_resources(topology))
+    except (TopologyError, PreflightError) as exc:
+        raise CliError(str(exc)) from None
+    existing = read_state(directory)
+    if existing is not None and pid_alive(existing.up_pid):
+        raise CliError(
+            f"a cluster is already running (pid {existing.up_pid}, state {directory}); "
+            "run `pdserve down` first"
+        )
+    progress(
+        "topology",
+        f"{topology.prefill.replicas} prefill + {topology.decode.replicas} decode on "
+        f"{topology.accelerator.value}, source {args.config or 'built-in default'}",
+    )
+    model = _ensure_model(topology, progress)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    session = _Session(topology, directory, progress)
+    try:
+        session.start_ray()
+        session.start_controller()
+        urls = session.start_proxy()
+        session.start_instances()
+        progress(
+            "ready",
+            f"API {urls['api']}  metrics {urls['metrics']}  admin {urls['admin']}  model {model}",
+        )
+        if args.detach:
+            session.detach()
+            progress("detached", "stop with `pdserve down`")
+            return 0
+        progress("serving", "Ctrl-C or `pdserve down` stops everything")
+        session.wait_until_stopped()
+    except KeyboardInterrupt:
+        progress("stopping", "signal received")
+    finally:
+        # A second Ctrl-C must not interrupt the teardown half-way.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        session.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not session.detached:
+        what = "all instances, the proxy" + (" and Ray" if session.started_ray else "")
+        progress("stopped", f"{what} are down")
+    return 0
+
+
+def _ensure_model(topology: Any, progress: _Progress) -> Path:
+    path: Path = topology.model_path()
+    if not topology.uses_tiny_model():
+        progress("model", str(path))
+        return path
+    if (path / "config.json").is_file():
+        progress("model", f"tiny model at {path}")
+        return path
+    from deploy.tiny_model import make_tiny_model
+
+    started = time.monotonic()
+    try:
+        make_tiny_model(path)
+    except OSError as exc:
+        raise CliError(f"tiny_model_dir: cannot write {path}: {exc.strerror}") from None
+    progress("model", f"created tiny model at {path} ({time.monotonic() - started:.1f} s)")
+    return path
+
+
+class _Session:
+    """What this `up` started, so that stop() undoes exactly that."""
+
+    def __init__(self, topology: Any, directory: Path, progress: _Progress) -> None:
+        self.topology = topology
+        self.directory = directory
+        self.progress = progress
+        self.started_ray = False
+        self.controller: Any = None
+        self.detached = False
+        self._state: ClusterState | None = None
+
+    def start_ray(self) -> None:
+        import ray
+
+        from deploy.preflight import PreflightError, check_resources
+
+        settings = self.topology.ray
+        try:
+            if settings.address:
+                ray.init(
+                    address=settings.address,
+                    namespace=settings.namespace,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                )
+            else:
+                temp_dir = settings.temp_dir
+                ray.init(
+                    num_cpus=settings.num_cpus or os.cpu_count(),
+                    num_gpus=settings.num_gpus,
+                    namespace=settings.namespace,
+                    include_dashboard=settings.include_dashboard,
+                    _temp_dir=os.path.expanduser(temp_dir) if temp_dir else None,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                )
+                self.started_ray = True
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise CliError(f"ray.address: cannot start or join Ray: {_first_line(exc)}") from None
+        address = ray.get_runtime_context().gcs_address
+        if not self.started_ray:
+            try:
+                check_resources(self.topology, ray.cluster_resources())
+            except PreflightError as exc:
+                ray.shutdown()
+                raise CliError(str(exc)) from None
+        from deploy.controller import CONTROLLER_NAME
+
+        try:
+            ray.get_actor(CONTROLLER_NAME, namespace=settings.namespace)
+        except ValueError:
+            pass
+        else:
+            if not self.started_ray:
+                ray.shutdown()
+            raise CliError(
+                "ray.namespace: a pdserve controller already runs in namespace "
+                f"{settings.namespace!r}; "
+                "run `pdserve down` or pick another namespace"
+            )
+        how = "started local cluster" if self.started_ray else "joined"
+        auth = os.environ.get("RAY_AUTH_MODE", "disabled")
+        self.progress("ray", f"{how} at {address} (namespace {settings.namespace}, auth {auth})")
+        proxy = self.topology.proxy
+        self._state = ClusterState(
+            ray_address=address,
+            namespace=settings.namespace,
+            auth_mode=auth,
+            started_ray=self.started_ray,
+            up_pid=os.getpid(),
+            foreground=True,
+            api_url=f"http://{proxy.host}:{proxy.port}/v1",
+            metrics_url=f"http://{proxy.host}:{proxy.port}/metrics",
+            admin_url=f"http://{proxy.admin.host}:{proxy.admin.port}",
+            admin_token=proxy.admin.token,
+            run_dir=str(self.directory),
+            temp_dir=settings.temp_dir,
+        )
+        write_state(self.directory, self._state)
+
+    def start_controller(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from deploy.controller import CONTROLLER_NAME, Controller
+
+        node_id = ray.get_runtime_context().get_node_id()
+        self.controller = (
+            ray.remote(Controller)
+            .options(
+                name=CONTROLLER_NAME,
+                namespace=self.topology.ray.namespace,
+                lifetime="detached",
+                num_cpus=0,
+                max_restarts=0,
+                max_concurrency=100,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            )
+            .remote(self.topology.model_dump(mode="json"), str(self.directory))
+        )
+        self._call(self.controller.ping.remote(), 120)
+        self.progress(
+            "controller",
+            f"{CONTROLLER_NAME} running (detached, namespace {self.topology.ray.namespace})",
+        )
+
+    def start_proxy(self) -> dict[str, str]:
+        urls: dict[str, str] = self._call(self.controller.start_proxy.remote(), 180)
+        self.progress("proxy", f"listening: API {urls['api']}, admin {urls['admin']}")
+        return urls
+
+    def start_instances(self) -> None:
+        import ray
+
+        names: list[str] = self._call(self.controller.launch.remote(), 120)
+        self.progress("instances", f"launching {', '.join(names)}")
+        started = time.monotonic()
+        pending = {self.controller.wait_ready.remote(name): name for name in names}
+        deadline = started + self.topology.controller.ready_timeout_s + 60
+        while pending:
+            done, _ = ray.wait(
+                list(pending), num_returns=1, timeout=max(1.0, deadline - time.monotonic())
+            )
+            if not done:
+                raise CliError(f"instances not ready in time: {', '.join(pending.values())}")
+            ref = done[0]
+            name = pending.pop(ref)
+            info = self._call(ref, 5)
+            core = f", core {info['cpu_core']}" if info.get("cpu_core") is not None else ""
+            self.progress(
+                name,
+                f"ready at {info['url']} (pid {info['pid']}{core}, "
+                f"{time.monotonic() - started:.1f} s)",
+            )
+
+    def wait_until_stopped(self) -> None:
+        """Serve until a signal arrives or the controller disappears (`pdserve down`)."""
+        while True:
+            time.sleep(2.0)
+            try:
+                self._call(self.controller.ping.remote(), 30)
+            except CliError:
+                self.progress("stopping", "controller is gone")
+                return
+
+    def detach(self) -> None:
+        self.detached = True
+        if self._state is not None:
+            self._state.foreground = False
+            write_state(self.directory, self._state)
+
+    def stop(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            clear_state(self.directory)
+            return
+        if self.detached:
+            ray.shutdown()
+            return
+        if self.controller is not None:
+            try:
+                ray.get(self.controller.shutdown.remote(), timeout=180)
+            except Exception as exc:
+                print(
+                    f"pdserve up: controller shutdown failed: {_first_line(exc)}", file=sys.stderr
+                )
+            with contextlib.suppress(Exception):
+                ray.kill(self.controller, no_restart=True)
+            self.controller = None
+        kill_recorded_workers(self.directory)
+        ray.shutdown()
+        clear_state(self.directory)
+
+    def _call(self, ref: Any, timeout_s: float) -> Any:
+        import ray
+
+        try:
+            return ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise CliError(
+                f"timed out after {timeout_s:.0f} s waiting for the controller"
+            ) from None
+        except ray.exceptions.RayError as exc:
+            raise CliError(_first_line(exc)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    text = str(cause if cause is not None else exc).strip().splitlines()
+    # Ray's task errors carry the remote traceback; the message is its last line.
+    return text[-1] if text else type(exc).__name__

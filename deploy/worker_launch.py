@@ -1,0 +1,406 @@
+"""Build, start and stop one vLLM worker process (prefill, decode or aggregated).
+
+This is the single place that knows how a pdserve worker maps onto a vLLM OpenAI server command
+line: the role's engine settings (``prefill_worker/role.py``, ``decode_worker/role.py``), the KV
+connector config, core binding and KV-cache size. ``pdserve worker``, the Ray launcher and the
+test fixtures all go through it, so a worker started by any of them is the same process.
+
+Lifecycle::
+
+    spec = WorkerSpec(role="prefill", model=Path("/models/tiny"), api_port=8100, kv_port=15100)
+    proc = start_worker(spec, log_path=Path("/tmp/prefill.log"))
+    wait_until_ready(spec.url, timeout_s=300, proc=proc)
+    ...
+    stop_worker(proc)
+
+The server runs in its own process group (its own session), so ``stop_worker`` reaches vLLM's
+engine-core and worker processes too and nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+Role = Literal["prefill", "decode", "aggregated"]
+Device = Literal["cpu", "cuda", "npu"]
+
+ROLES: tuple[Role, ...] = ("prefill", "decode", "aggregated")
+
+# Where each role's engine settings live. Imported lazily: the role modules import RoleSettings
+# from here.
+_ROLE_MODULES: dict[str, str] = {
+    "prefill": "prefill_worker.role",
+    "decode": "decode_worker.role",
+}
+
+# The variable that restricts a process to some accelerators, per device type.
+VISIBLE_DEVICES_ENV: dict[str, str] = {
+    "cuda": "CUDA_VISIBLE_DEVICES",
+    "npu": "ASCEND_RT_VISIBLE_DEVICES",
+}
+
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+@dataclass(frozen=True)
+class RoleSettings:
+    """Engine settings that follow from a worker's role, not from the deployment."""
+
+    name: str
+    kv_role: str | None  # the connector's role ("producer"/"consumer"); None runs no connector
+    api_port_base: int  # instance i listens on api_port_base + i by default
+    kv_port_base: int | None  # instance i's block server port by default; None: no server
+    max_num_batched_tokens: int | None = None  # None keeps vLLM's default
+    max_num_seqs: int | None = None
+    extra_args: tuple[str, ...] = ()
+
+
+# An ordinary vLLM server with no connector: the baseline that PD output is compared with.
+AGGREGATED_SETTINGS = RoleSettings(
+    name="aggregated", kv_role=None, api_port_base=8300, kv_port_base=None
+)
+
+
+def role_settings(role: str) -> RoleSettings:
+    """The engine settings of ``role`` (``prefill``, ``decode`` or ``aggregated``)."""
+    if role == "aggregated":
+        return AGGREGATED_SETTINGS
+    if role not in _ROLE_MODULES:
+        raise ValueError(f"unknown worker role {role!r}; expected one of {list(ROLES)}")
+    settings: RoleSettings = importlib.import_module(_ROLE_MODULES[role]).SETTINGS
+    return settings
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything needed to start one worker.
+
+    ``kv_port`` is where a prefill worker's block server listens (rank r of a TP group uses
+    ``kv_port + r``); decode workers only dial out, but the port still goes into their config.
+    ``cpu_core`` is the value of ``VLLM_CPU_OMP_THREADS_BIND`` (``0``, ``"0-3"``, ``"auto"``);
+    give every instance on a host its own cores. ``kv_cache_gib`` is the KV cache size: on CPU
+    ``VLLM_CPU_KVCACHE_SPACE``, on accelerators ``--kv-cache-memory-bytes``.
+    ``visible_devices`` restricts a GPU/NPU worker to some devices (``CUDA_VISIBLE_DEVICES`` /
+    ``ASCEND_RT_VISIBLE_DEVICES``). ``extra_args`` are appended to vLLM's command line last, so
+    they override anything set here. ``env`` adds or overrides environment variables.
+    """
+
+    role: Role
+    model: Path
+    api_port: int | None = None  # None: the role's default port for ``index``
+    kv_port: int | None = None
+    index: int = 0
+    host: str = "127.0.0.1"
+    cpu_core: int | str | None = None
+    kv_cache_gib: int = 1
+    engine_id: str | None = None  # None: derived from role, host and API port
+    secret: str = ""
+    served_model_name: str | None = None  # None: the model directory's name
+    block_size: int = 128
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    lease_s: float | None = None  # None: the connector's default
+    kv_load_failure_policy: Literal["fail", "recompute"] = "recompute"
+    advertise_host: str | None = None  # address decode instances dial, if not ``host``
+    device: Device = "cpu"
+    visible_devices: str | None = None
+    python: str = sys.executable
+    extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> RoleSettings:
+        return role_settings(self.role)
+
+    @property
+    def resolved_api_port(self) -> int:
+        if self.api_port is not None:
+            return self.api_port
+        return self.settings.api_port_base + self.index
+
+    @property
+    def resolved_kv_port(self) -> int | None:
+        if self.kv_port is not None:
+            return self.kv_port
+        base = self.settings.kv_port_base
+        return None if base is None else base + self.index
+
+    @property
+    def resolved_engine_id(self) -> str:
+        return self.engine_id or f"{self.role}-{self.host}-{self.resolved_api_port}"
+
+    @property
+    def resolved_model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+    @property
+    def url(self) -> str:
+        """The base URL of the worker's OpenAI API (what the proxy is given)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        return f"http://{host}:{self.resolved_api_port}"
+
+
+class WorkerConfigError(ValueError):
+    """A WorkerSpec that cannot start: the message names the field and the reason."""
+
+
+def kv_transfer_config(spec: WorkerSpec) -> dict[str, object] | None:
+    """The ``--kv-transfer-config`` dict of ``spec``, or None for a worker without a connector."""
+    kv_role = spec.settings.kv_role
+    if kv_role is None:
+        return None
+    from kv_transfer.config import DEFAULT_LEASE_S, DEFAULT_PORT, connector_config
+
+    kv_port = spec.resolved_kv_port
+    return connector_config(
+        kv_role,
+        spec.resolved_engine_id,
+        host=spec.host,
+        port=DEFAULT_PORT if kv_port is None else kv_port,
+        secret=spec.secret,
+        lease_s=DEFAULT_LEASE_S if spec.lease_s is None else spec.lease_s,
+        kv_load_failure_policy=spec.kv_load_failure_policy,
+        advertise_host=spec.advertise_host,
+    )
+
+
+def build_command(spec: WorkerSpec) -> tuple[list[str], dict[str, str]]:
+    """Return ``(argv, env)`` that run ``spec``'s vLLM server.
+
+    ``env`` holds only the variables the worker needs on top of the inherited environment (so a
+    caller on another host can apply it to its own environment); ``start_worker`` merges it
+    with ``os.environ``.
+    """
+    settings = spec.settings
+    argv = [
+        spec.python,
+        "-m",
+        VLLM_SERVER_MODULE,
+        "--model",
+        str(spec.model),
+        "--served-model-name",
+        spec.resolved_model_name,
+        "--host",
+        spec.host,
+        "--port",
+        str(spec.resolved_api_port),
+        # P and D exchange block ids, so both must use the same block size; never leave it to
+        # the platform default.
+        "--block-size",
+        str(spec.block_size),
+        "--dtype",
+        spec.dtype,
+        "--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching",
+    ]
+    if spec.max_model_len is not None:
+        argv += ["--max-model-len", str(spec.max_model_len)]
+    if settings.max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
+    if settings.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(settings.max_num_seqs)]
+    kv_config = kv_transfer_config(spec)
+    if kv_config is not None:
+        argv += ["--kv-transfer-config", json.dumps(kv_config, separators=(",", ":"))]
+
+    env: dict[str, str] = {}
+    if spec.device == "cpu":
+        # CPU has no graph capture to gain from, and eager start is several times faster.
+        argv.append("--enforce-eager")
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
+        if spec.cpu_core is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(spec.cpu_core)
+    else:
+        argv += ["--kv-cache-memory-bytes", str(spec.kv_cache_gib * 1024**3)]
+        if spec.visible_devices is not None:
+            env[VISIBLE_DEVICES_ENV[spec.device]] = spec.visible_devices
+    argv += list(settings.extra_args)
+    argv += list(spec.extra_args)
+    env.update(spec.env)
+    return argv, env
+
+
+def validate_spec(spec: WorkerSpec) -> None:
+    """Check what can be checked before a 30-second engine start; raise WorkerConfigError."""
+    if spec.role not in ROLES:
+        raise WorkerConfigError(f"role: unknown role {spec.role!r}; expected one of {list(ROLES)}")
+    model = Path(spec.model)
+    if not model.is_dir():
+        raise WorkerConfigError(f"model: {model} is not a directory")
+    if not (model / "config.json").is_file():
+        raise WorkerConfigError(f"model: {model} has no config.json (not a HF model directory)")
+    if spec.block_size <= 0:
+        raise WorkerConfigError(f"block_size: must be positive, got {spec.block_size}")
+    if spec.kv_cache_gib <= 0:
+        raise WorkerConfigError(f"kv_cache_gib: must be positive, got {spec.kv_cache_gib}")
+    if spec.device != "cpu" and spec.device not in VISIBLE_DEVICES_ENV:
+        raise WorkerConfigError(f"device: unknown device {spec.device!r}")
+    ports = [("api_port", spec.resolved_api_port)]
+    kv_port = spec.resolved_kv_port
+    if spec.settings.kv_port_base is not None and kv_port is not None:
+        ports.append(("kv_port", kv_port))  # only roles that listen for block pulls
+    for name, port in ports:
+        if not 0 < port < 65536:
+            raise WorkerConfigError(f"{name}: must be in 1..65535, got {port}")
+        if not port_is_free(spec.host, port):
+            raise WorkerConfigError(f"{name}: {spec.host}:{port} is already in use")
+    if len({port for _, port in ports}) != len(ports):
+        raise WorkerConfigError("kv_port: must differ from api_port")
+    try:
+        kv_transfer_config(spec)
+    except ValueError as exc:
+        raise WorkerConfigError(f"kv transfer config: {exc}") from exc
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True if ``host:port`` can be bound now (the check is racy by nature; it catches typos)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def start_worker(
+    spec: WorkerSpec, log_path: Path | None = None, *, validate: bool = True
+) -> subprocess.Popen[bytes]:
+    """Start ``spec``'s server in its own process group; stdout and stderr go to ``log_path``.
+
+    With ``log_path=None`` the server writes to this process's stdout/stderr (the foreground
+    ``pdserve worker`` command). The caller owns the process and must ``stop_worker`` it.
+    """
+    if validate:
+        validate_spec(spec)
+    argv, extra_env = build_command(spec)
+    env = {**os.environ, **extra_env}
+    log_file: IO[bytes] | None = None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = log_path.open("ab")
+    try:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT if log_file is not None else None,
+            start_new_session=True,
+        )
+    finally:
+        if log_file is not None:
+            log_file.close()  # the child holds its own descriptor
+
+
+def wait_until_ready(
+    url: str,
+    timeout_s: float,
+    *,
+    proc: subprocess.Popen[bytes] | None = None,
+    log_path: Path | None = None,
+    poll_s: float = 0.5,
+) -> None:
+    """Block until ``url``'s ``/v1/models`` answers 200.
+
+    Raises RuntimeError at once if ``proc`` exits first (with the end of ``log_path`` in the
+    message) and TimeoutError after ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    probe = url.rstrip("/") + "/v1/models"
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"worker at {url} exited with status {proc.returncode} before it was ready"
+                + _log_tail(log_path)
+            )
+        try:
+            with urllib.request.urlopen(probe, timeout=2.0) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"worker at {url} not ready after {timeout_s:.0f} s" + _log_tail(log_path)
+            )
+        time.sleep(poll_s)
+
+
+def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> int | None:
+    """SIGTERM the worker's process group, SIGKILL whatever is left after ``grace_s``.
+
+    Returns the server's exit status. Safe to call twice or on a process that already exited;
+    vLLM's engine-core children are in the same group, so none are orphaned.
+    """
+    pgid = proc.pid  # start_new_session made the server its group's leader
+    _signal_group(pgid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(pgid, signal.SIGKILL)
+        proc.wait()
+    # The leader can exit while spawned children are still shutting down; give them a moment,
+    # then make sure.
+    deadline = time.monotonic() + min(grace_s, 5.0)
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _group_alive(pgid):
+        _signal_group(pgid, signal.SIGKILL)
+    return proc.returncode
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _log_tail(log_path: Path | None, lines: int = 20) -> str:
+    if log_path is None or not log_path.is_file():
+        return ""
+    tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    return f"; last lines of {log_path}:\n" + "\n".join(tail)
+
+
+def spec_from_mapping(data: Mapping[str, object]) -> WorkerSpec:
+    """Build a WorkerSpec from plain data (YAML/JSON), refusing unknown keys by name."""
+    known = set(WorkerSpec.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise WorkerConfigError(f"unknown worker fields {unknown}; known: {sorted(known)}")
+    values = dict(data)
+    if "model" in values:
+        values["model"] = Path(str(values["model"]))
+    if "extra_args" in values:
+        extra = values["extra_args"]
+        if isinstance(extra, str) or not isinstance(extra, Sequence):
+            raise WorkerConfigError("extra_args: must be a list of strings")
+        values["extra_args"] = tuple(str(arg) for arg in extra)
+    return WorkerSpec(**values)  # type: ignore[arg-type]

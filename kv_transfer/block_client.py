@@ -1,0 +1,219 @@
+"""Decode-side block client: pulls a request's blocks into the local KV cache.
+
+Authenticated connections are pooled per prefill endpoint so a pull costs one
+round trip plus the bytes. Any error closes the connection it happened on;
+the caller decides what a failed pull means (vLLM's kv_load_failure_policy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kv_transfer import wire
+from kv_transfer.device import KVCacheAccess
+
+logger = logging.getLogger(__name__)
+
+Endpoint = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    secret: bytes
+    connect_timeout_s: float = 5.0
+    io_timeout_s: float = 30.0
+    socket_buffer_bytes: int = 4 * 1024 * 1024
+    max_idle_per_endpoint: int = 4
+
+
+class NoBytesReceived(wire.WireError):
+    """The read failed before any block byte arrived, so retrying is safe."""
+
+
+class BlockConnection:
+    """One authenticated connection to a block server."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        settings: ClientSettings,
+        fingerprint: wire.KVFingerprint,
+    ) -> None:
+        self.endpoint = endpoint
+        self._settings = settings
+        host, port = endpoint
+        try:
+            sock = socket.create_connection((host, port), timeout=settings.connect_timeout_s)
+        except OSError as exc:
+            raise wire.WireError(f"cannot connect to KV server {host}:{port}: {exc}") from exc
+        self.sock = sock
+        try:
+            wire.tune_socket(sock, settings.socket_buffer_bytes)
+            sock.settimeout(settings.io_timeout_s)
+            self.remote_engine_id = self._handshake(fingerprint)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _handshake(self, fingerprint: wire.KVFingerprint) -> str:
+        challenge = wire.expect(wire.recv_frame(self.sock), "challenge")
+        server_nonce = challenge.get("nonce")
+        if not isinstance(server_nonce, bytes):
+            raise wire.WireError("server challenge carries no nonce")
+        client_nonce = wire.new_nonce()
+        wire.send_frame(
+            self.sock,
+            {
+                "op": "hello",
+                "v": wire.PROTOCOL_VERSION,
+                "nonce": client_nonce,
+                "mac": wire.client_mac(self._settings.secret, server_nonce, client_nonce),
+                "fingerprint": fingerprint.to_wire(),
+            },
+        )
+        welcome = wire.expect(wire.recv_frame(self.sock), "welcome")
+        expected = wire.server_mac(self._settings.secret, server_nonce, client_nonce)
+        if not wire.macs_equal(welcome.get("mac"), expected):
+            raise wire.RemoteError(wire.ERR_AUTH, "server failed to prove the shared secret")
+        return str(challenge.get("engine_id", ""))
+
+    def read_blocks(
+        self,
+        request_id: str,
+        remote_block_ids: Sequence[int],
+        cache: KVCacheAccess,
+        local_block_ids: Sequence[int],
+    ) -> int:
+        """Read ``remote_block_ids`` of ``request_id`` into ``local_block_ids``; return bytes."""
+        if len(remote_block_ids) != len(local_block_ids):
+            raise ValueError(
+                f"{len(remote_block_ids)} remote blocks for {len(local_block_ids)} local blocks"
+            )
+        try:
+            wire.send_frame(
+                self.sock, {"op": "read", "req": request_id, "blocks": list(remote_block_ids)}
+            )
+            header = wire.expect(wire.recv_frame(self.sock), "data")
+        except wire.WireError as exc:
+            raise NoBytesReceived(str(exc)) from exc
+        expected = cache.request_nbytes(len(local_block_ids))
+        if header.get("nbytes") != expected:
+            raise wire.WireError(
+                f"server announced {header.get('nbytes')} bytes, expected {expected}"
+            )
+        for layer in range(cache.num_layers):
+            wire.recv_buffers(self.sock, cache.recv_views(layer, local_block_ids))
+            cache.commit_recv(layer, local_block_ids)
+        return expected
+
+    def release(self, request_id: str) -> bool:
+        wire.send_frame(self.sock, {"op": "release", "req": request_id})
+        reply = wire.expect(wire.recv_frame(self.sock), "released")
+        return bool(reply.get("known"))
+
+    def close(self) -> None:
+        with contextlib.suppress(wire.WireError):
+            wire.send_frame(self.sock, {"op": "bye"})
+        self.sock.close()
+
+
+class BlockClient:
+    """Thread-safe pool of connections, one checkout per concurrent pull."""
+
+    def __init__(self, settings: ClientSettings, fingerprint: wire.KVFingerprint) -> None:
+        self._settings = settings
+        self._fingerprint = fingerprint
+        self._idle: dict[Endpoint, list[BlockConnection]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _checkout(self, endpoint: Endpoint) -> tuple[BlockConnection, bool]:
+        """A connection to ``endpoint`` and whether it came from the idle pool."""
+        with self._lock:
+            idle = self._idle.get(endpoint)
+            if idle:
+                return idle.pop(), True
+        return BlockConnection(endpoint, self._settings, self._fingerprint), False
+
+    def _checkin(self, conn: BlockConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(conn.endpoint, [])
+            if not self._closed and len(idle) < self._settings.max_idle_per_endpoint:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def pull(
+        self,
+        endpoint: Endpoint,
+        request_id: str,
+        remote_block_ids: Sequence[int],
+        cache: KVCacheAccess,
+        local_block_ids: Sequence[int],
+        *,
+        release: bool = True,
+    ) -> int:
+        """Read the blocks, then (if ``release``) tell the server to free them.
+
+        Raises WireError / RemoteError on failure. A pooled connection that has
+        gone stale (server restarted) is retried once on a fresh connection
+        before any byte of the transfer has been received.
+        """
+        conn, pooled = self._checkout(endpoint)
+        try:
+            try:
+                nbytes = conn.read_blocks(request_id, remote_block_ids, cache, local_block_ids)
+            except NoBytesReceived:
+                if not pooled:
+                    raise
+                # The idle connection went stale (server closed or restarted it).
+                conn.sock.close()
+                conn = BlockConnection(endpoint, self._settings, self._fingerprint)
+                nbytes = conn.read_blocks(request_id, remote_block_ids, cache, local_block_ids)
+            if release:
+                conn.release(request_id)
+        except wire.RemoteError:
+            # An error frame after the handshake leaves the connection in sync; keep it.
+            if conn.sock.fileno() >= 0:
+                self._checkin(conn)
+            raise
+        except BaseException:
+            conn.sock.close()
+            raise
+        self._checkin(conn)
+        return nbytes
+
+    def release(self, endpoint: Endpoint, request_id: str) -> bool:
+        """Tell the server to free ``request_id``'s blocks without reading them."""
+        conn, pooled = self._checkout(endpoint)
+        try:
+            try:
+                known = conn.release(request_id)
+            except wire.WireError:
+                if not pooled:
+                    raise
+                conn.sock.close()
+                conn = BlockConnection(endpoint, self._settings, self._fingerprint)
+                known = conn.release(request_id)
+        except wire.RemoteError:
+            if conn.sock.fileno() >= 0:
+                self._checkin(conn)
+            raise
+        except BaseException:
+            conn.sock.close()
+            raise
+        self._checkin(conn)
+        return known
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in connections:
+            conn.close()

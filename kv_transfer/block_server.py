@@ -1,0 +1,276 @@
+"""Prefill-side block server: serves held requests' KV blocks to authenticated peers.
+
+One thread accepts; each connection gets its own thread, so a slow, malformed
+or hostile connection only ever affects itself. A peer must authenticate and
+present a matching KV fingerprint before it may read; it may then read only
+blocks held for the request it names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kv_transfer import wire
+from kv_transfer.device import KVCacheAccess
+from kv_transfer.leases import LeaseError, LeaseTable
+
+logger = logging.getLogger(__name__)
+
+# Called with (nbytes, seconds) after each served read and () on each refused one.
+TransferObserver = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str
+    port: int
+    secret: bytes
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 600.0
+    io_timeout_s: float = 30.0
+    unknown_request_wait_s: float = 2.0
+    socket_buffer_bytes: int = 4 * 1024 * 1024
+    max_connections: int = 256
+
+
+class BlockServer:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        fingerprint: wire.KVFingerprint,
+        cache: KVCacheAccess,
+        leases: LeaseTable,
+        engine_id: str = "",
+        on_transfer: TransferObserver | None = None,
+        on_refusal: Callable[[], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._fingerprint = fingerprint
+        self._cache = cache
+        self._leases = leases
+        self._engine_id = engine_id
+        self._on_transfer = on_transfer
+        self._on_refusal = on_refusal
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured with port 0)."""
+        assert self._listener is not None, "server not started"
+        return int(self._listener.getsockname()[1])
+
+    def start(self) -> None:
+        listener = socket.create_server(
+            (self._settings.host, self._settings.port), reuse_port=False, backlog=128
+        )
+        listener.settimeout(0.5)
+        self._listener = listener
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="kv-block-server", daemon=True
+        )
+        self._accept_thread.start()
+        logger.info(
+            "KV block server listening on %s:%d (engine %s)",
+            self._settings.host,
+            self.port,
+            self._engine_id,
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    # -- accept / per-connection ----------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                logger.exception("KV block server accept failed")
+                time.sleep(0.1)
+                continue
+            with self._lock:
+                if len(self._connections) >= self._settings.max_connections:
+                    logger.warning("refusing KV connection from %s: too many connections", addr)
+                    conn.close()
+                    continue
+                self._connections.add(conn)
+            threading.Thread(
+                target=self._serve_connection,
+                args=(conn, addr),
+                name=f"kv-conn-{addr[0]}:{addr[1]}",
+                daemon=True,
+            ).start()
+
+    def _serve_connection(self, conn: socket.socket, addr: Any) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        try:
+            wire.tune_socket(conn, self._settings.socket_buffer_bytes)
+            conn.settimeout(self._settings.handshake_timeout_s)
+            if not self._handshake(conn, peer):
+                return
+            while not self._stopping.is_set():
+                conn.settimeout(self._settings.idle_timeout_s)
+                message = wire.recv_frame(conn)
+                conn.settimeout(self._settings.io_timeout_s)
+                op = message["op"]
+                if op == "read":
+                    self._serve_read(conn, peer, message)
+                elif op == "release":
+                    self._serve_release(conn, message)
+                elif op == "bye":
+                    return
+                else:
+                    self._refuse(conn, peer, wire.ERR_MALFORMED, f"unknown op {op!r}")
+                    return
+        except TimeoutError:
+            logger.info("dropping KV connection from %s: timed out", peer)
+        except wire.WireError as exc:
+            if not self._stopping.is_set():
+                logger.info("dropping KV connection from %s: %s", peer, exc)
+        except OSError as exc:
+            if not self._stopping.is_set():
+                logger.info("KV connection from %s failed: %s", peer, exc)
+        except Exception:
+            logger.exception("KV connection from %s failed unexpectedly", peer)
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _handshake(self, conn: socket.socket, peer: str) -> bool:
+        server_nonce = wire.new_nonce()
+        wire.send_frame(
+            conn,
+            {
+                "op": "challenge",
+                "v": wire.PROTOCOL_VERSION,
+                "nonce": server_nonce,
+                "engine_id": self._engine_id,
+            },
+        )
+        hello = wire.recv_frame(conn)
+        if hello["op"] != "hello":
+            self._refuse(conn, peer, wire.ERR_MALFORMED, f"expected hello, got {hello['op']!r}")
+            return False
+        if hello.get("v") != wire.PROTOCOL_VERSION:
+            self._refuse(
+                conn,
+                peer,
+                wire.ERR_VERSION,
+                f"protocol version {hello.get('v')!r} != {wire.PROTOCOL_VERSION}",
+            )
+            return False
+        client_nonce = hello.get("nonce")
+        if not isinstance(client_nonce, bytes) or len(client_nonce) != wire.NONCE_BYTES:
+            self._refuse(conn, peer, wire.ERR_MALFORMED, "missing or short client nonce")
+            return False
+        expected = wire.client_mac(self._settings.secret, server_nonce, client_nonce)
+        if not wire.macs_equal(hello.get("mac"), expected):
+            self._refuse(conn, peer, wire.ERR_AUTH, "authentication failed (wrong shared secret)")
+            return False
+        theirs = wire.KVFingerprint.from_wire(hello.get("fingerprint") or {})
+        diffs = self._fingerprint.differences(theirs)
+        if diffs:
+            self._refuse(
+                conn,
+                peer,
+                wire.ERR_HANDSHAKE,
+                "KV layout mismatch (ours != theirs): " + "; ".join(diffs),
+            )
+            return False
+        wire.send_frame(
+            conn,
+            {
+                "op": "welcome",
+                "mac": wire.server_mac(self._settings.secret, server_nonce, client_nonce),
+                "fingerprint": self._fingerprint.to_wire(),
+            },
+        )
+        return True
+
+    def _serve_read(self, conn: socket.socket, peer: str, message: dict[str, Any]) -> None:
+        request_id = message.get("req")
+        block_ids = message.get("blocks")
+        if (
+            not isinstance(request_id, str)
+            or not isinstance(block_ids, list)
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in block_ids)
+        ):
+            raise wire.WireError("malformed read: needs 'req' (str) and 'blocks' (list of int)")
+        bad = self._cache.check_block_ids(block_ids)
+        if bad:
+            self._refuse_request(
+                conn,
+                peer,
+                wire.ERR_OUT_OF_RANGE,
+                f"request {request_id!r}: block ids {bad[:8]} outside "
+                f"0..{self._cache.num_blocks - 1}",
+            )
+            return
+        try:
+            lease = self._leases.acquire(
+                request_id, block_ids, self._settings.unknown_request_wait_s
+            )
+        except LeaseError as exc:
+            self._refuse_request(conn, peer, exc.code, str(exc))
+            return
+        try:
+            started = time.perf_counter()
+            nbytes = self._cache.request_nbytes(len(block_ids))
+            wire.send_frame(conn, {"op": "data", "nbytes": nbytes})
+            for layer in range(self._cache.num_layers):
+                wire.send_buffers(conn, self._cache.send_views(layer, block_ids))
+            elapsed = time.perf_counter() - started
+        finally:
+            self._leases.finish_read(lease)
+        if self._on_transfer is not None:
+            self._on_transfer(nbytes, elapsed)
+
+    def _serve_release(self, conn: socket.socket, message: dict[str, Any]) -> None:
+        request_id = message.get("req")
+        if not isinstance(request_id, str):
+            raise wire.WireError("malformed release: needs 'req' (str)")
+        known = self._leases.release(request_id)
+        wire.send_frame(conn, {"op": "released", "known": known})
+
+    def _refuse_request(self, conn: socket.socket, peer: str, code: str, detail: str) -> None:
+        """Refuse one read; the connection stays usable."""
+        logger.warning("refused KV read from %s: %s: %s", peer, code, detail)
+        if self._on_refusal is not None:
+            self._on_refusal()
+        wire.send_frame(conn, wire.error_frame(code, detail))
+
+    def _refuse(self, conn: socket.socket, peer: str, code: str, detail: str) -> None:
+        """Refuse the connection: tell the peer why, then the caller closes it."""
+        logger.warning("refused KV connection from %s: %s: %s", peer, code, detail)
+        if self._on_refusal is not None:
+            self._on_refusal()
+        with contextlib.suppress(wire.WireError):
+            wire.send_frame(conn, wire.error_frame(code, detail))

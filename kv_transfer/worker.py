@@ -1,0 +1,298 @@
+"""The worker half: moves bytes. One instance per vLLM worker process (TP rank).
+
+Prefill: runs a ``BlockServer`` over this rank's KV cache and a ``LeaseTable``
+fed by the scheduler's holds; reports released and expired leases as
+``finished_sending`` so vLLM frees the blocks.
+
+Decode: runs pulls on a small thread pool (never on the engine thread) and
+reports every pull it started as ``finished_recving``, the failed ones also
+as ``failed_recving`` so vLLM fails or recomputes per kv_load_failure_policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from kv_transfer import wire
+from kv_transfer.block_client import BlockClient, ClientSettings
+from kv_transfer.block_server import BlockServer, ServerSettings
+from kv_transfer.config import TransferSettings
+from kv_transfer.device import KVCacheAccess
+from kv_transfer.leases import LeaseTable
+from kv_transfer.metadata import PullSpec, TcpPullMetadata
+from kv_transfer.stats import StatsRecorder, TcpTransferStats
+
+logger = logging.getLogger(__name__)
+
+CPU_LAYOUT = "LBHNC"  # vLLM's CPU_ATTN layout: per layer [blocks, kv_heads, block_size, 2*head]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    engine_id: str
+    model: str
+    block_size: int
+    transfer: TransferSettings
+    is_producer: bool
+    is_consumer: bool
+    tp_size: int = 1
+    tp_rank: int = 0
+    pull_threads: int = 4
+    unknown_request_wait_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class _PullResult:
+    request_id: str
+    ok: bool
+    report: bool
+
+
+def unique_layers(kv_caches: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Layer tensors in model order, each once (cross-layer sharing maps names to one tensor)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    layers: list[torch.Tensor] = []
+    for tensor in kv_caches.values():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            layers.append(tensor)
+    return layers
+
+
+class TcpPullWorker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self._settings = settings
+        self._stats = StatsRecorder()
+        self._cache: KVCacheAccess | None = None
+        self._fingerprint: wire.KVFingerprint | None = None
+        self._leases = LeaseTable()
+        self._server: BlockServer | None = None
+        self._client: BlockClient | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._results: queue.SimpleQueue[_PullResult] = queue.SimpleQueue()
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        # finished_sending may only name ids vLLM has passed in finished_req_ids.
+        self._seen_finished: OrderedDict[str, float] = OrderedDict()
+        self._unreported_sends: set[str] = set()
+
+    @property
+    def server_port(self) -> int | None:
+        return self._server.port if self._server is not None else None
+
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+        layers = unique_layers(kv_caches)
+        self.register_layers(layers)
+
+    def register_layers(self, layers: Sequence[torch.Tensor]) -> None:
+        s = self._settings
+        self._cache = KVCacheAccess(layers)
+        self._fingerprint = wire.KVFingerprint(
+            model=s.model,
+            dtype=str(self._cache.dtype),
+            block_size=s.block_size,
+            layout=CPU_LAYOUT if self._cache.device.type == "cpu" else self._cache.device.type,
+            num_layers=self._cache.num_layers,
+            block_shape=self._cache.block_shape,
+            tp_size=s.tp_size,
+            tp_rank=s.tp_rank,
+        )
+        if not s.transfer.secret:
+            logger.warning(
+                "KV transfer runs without a shared secret; set kv_connector_extra_config.secret"
+            )
+        if s.is_producer:
+            self._server = BlockServer(
+                ServerSettings(
+                    host=s.transfer.host,
+                    port=s.transfer.port + s.tp_rank if s.transfer.port else 0,
+                    secret=s.transfer.secret,
+                    io_timeout_s=s.transfer.io_timeout_s,
+                    unknown_request_wait_s=s.unknown_request_wait_s,
+                ),
+                self._fingerprint,
+                self._cache,
+                self._leases,
+                engine_id=s.engine_id,
+                on_transfer=self._stats.transfer,
+                on_refusal=self._stats.failure,
+            )
+            self._server.start()
+        if s.is_consumer:
+            self._client = BlockClient(
+                ClientSettings(
+                    secret=s.transfer.secret,
+                    connect_timeout_s=s.transfer.connect_timeout_s,
+                    io_timeout_s=s.transfer.io_timeout_s,
+                ),
+                self._fingerprint,
+            )
+            self._pool = ThreadPoolExecutor(
+                max_workers=s.pull_threads, thread_name_prefix="kv-pull"
+            )
+
+    # -- per step -------------------------------------------------------------------------------
+
+    def start_load_kv(self, meta: TcpPullMetadata) -> None:
+        for hold in meta.holds:
+            self._leases.add(hold.request_id, hold.block_ids, hold.expires_at)
+        for spec in meta.pulls:
+            self._submit(spec)
+
+    def _submit(self, spec: PullSpec) -> None:
+        if self._pool is None:
+            logger.error("request %s: pull requested on a non-consumer worker", spec.request_id)
+            if spec.report:
+                self._results.put(_PullResult(spec.request_id, ok=False, report=True))
+            return
+        with self._in_flight_lock:
+            self._in_flight += 1
+        self._pool.submit(self._run_pull, spec)
+
+    def _run_pull(self, spec: PullSpec) -> None:
+        ok = False
+        try:
+            ok = self._pull(spec)
+        except Exception:
+            logger.exception("request %s: KV pull crashed", spec.request_id)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+            # Every pull vLLM waits on is reported, success or not, or its blocks leak.
+            self._results.put(_PullResult(spec.request_id, ok=ok, report=spec.report))
+
+    def _pull(self, spec: PullSpec) -> bool:
+        assert self._client is not None and self._cache is not None
+        endpoint = (spec.remote_host, spec.remote_port + self._settings.tp_rank)
+        where = f"{endpoint[0]}:{endpoint[1]} (engine {spec.remote_engine_id})"
+        if spec.release_only:
+            try:
+                self._client.release(endpoint, spec.remote_request_id)
+            except (wire.WireError, wire.RemoteError) as exc:
+                logger.warning(
+                    "request %s: could not release prefill blocks of %s at %s: %s",
+                    spec.request_id,
+                    spec.remote_request_id,
+                    where,
+                    exc,
+                )
+            # A reported release-only spec is a pull the scheduler had to abandon.
+            if spec.report:
+                self._stats.failure()
+            return not spec.report
+        started = time.perf_counter()
+        try:
+            nbytes = self._client.pull(
+                endpoint,
+                spec.remote_request_id,
+                spec.remote_block_ids,
+                self._cache,
+                spec.local_block_ids,
+            )
+        except (wire.WireError, wire.RemoteError, OSError) as exc:
+            self._stats.failure()
+            logger.warning(
+                "request %s: KV pull of %d blocks from %s failed: %s",
+                spec.request_id,
+                len(spec.local_block_ids),
+                where,
+                exc,
+            )
+            self._release_after_failure(endpoint, spec)
+            return False
+        elapsed = time.perf_counter() - started
+        self._stats.transfer(nbytes, elapsed)
+        logger.debug(
+            "request %s: pulled %d blocks (%d bytes) from %s in %.2f ms",
+            spec.request_id,
+            len(spec.local_block_ids),
+            nbytes,
+            where,
+            elapsed * 1e3,
+        )
+        return True
+
+    def _release_after_failure(self, endpoint: tuple[str, int], spec: PullSpec) -> None:
+        """Best effort: a prefill instance that is alive but refused us should still free."""
+        assert self._client is not None
+        with contextlib.suppress(wire.WireError, wire.RemoteError, OSError):
+            self._client.release(endpoint, spec.remote_request_id)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        """Return (finished_sending, finished_recving, failed_recving)."""
+        finished_recving: set[str] = set()
+        failed_recving: set[str] = set()
+        while True:
+            try:
+                result = self._results.get_nowait()
+            except queue.Empty:
+                break
+            if not result.report:
+                continue
+            finished_recving.add(result.request_id)
+            if not result.ok:
+                failed_recving.add(result.request_id)
+
+        finished_sending: set[str] = set()
+        if self._server is not None:
+            finished_sending = self._finished_sends(finished_req_ids)
+        return finished_sending, finished_recving, failed_recving
+
+    def _finished_sends(self, finished_req_ids: set[str]) -> set[str]:
+        now = time.monotonic()
+        for request_id in finished_req_ids:
+            self._seen_finished[request_id] = now
+            self._seen_finished.move_to_end(request_id)
+        # Ids of requests that were never held would pile up; forget old ones.
+        horizon = now - 2 * self._settings.transfer.lease_s - 60.0
+        while self._seen_finished:
+            oldest, seen_at = next(iter(self._seen_finished.items()))
+            if seen_at >= horizon:
+                break
+            del self._seen_finished[oldest]
+
+        expired = self._leases.reap_expired()
+        for request_id in expired:
+            logger.warning(
+                "request %s: no decode instance pulled its KV blocks before the lease "
+                "expired; releasing them",
+                request_id,
+            )
+        if expired and self._settings.tp_rank == 0:
+            self._stats.lease_expired(len(expired))
+        for request_id, _reason in self._leases.drain_done():
+            self._unreported_sends.add(request_id)
+        finished_sending = {r for r in self._unreported_sends if r in self._seen_finished}
+        self._unreported_sends -= finished_sending
+        for request_id in finished_sending:
+            del self._seen_finished[request_id]
+        return finished_sending
+
+    def get_kv_connector_stats(self) -> TcpTransferStats | None:
+        return self._stats.drain()
+
+    @property
+    def leases(self) -> LeaseTable:
+        return self._leases
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=False)
+            self._pool = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None

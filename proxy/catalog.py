@@ -1,0 +1,104 @@
+"""The served model list, fetched from the decode pool and cached.
+
+``/v1/models`` answers from the cache and requests naming a model no decode
+instance serves get a 404 like vLLM's. While no decode instance has answered yet,
+model names are not checked (the workers will check them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import aiohttp
+import orjson
+
+from proxy.errors import ProxyError
+from proxy.instances import Role
+from proxy.registry import InstanceRegistry
+from proxy.upstream import UpstreamPool
+
+CACHE_TTL_S = 10.0
+FETCH_TIMEOUT_S = 2.0
+# After a failed fetch, wait this long before asking again (requests do not pile up on it).
+RETRY_AFTER_S = 1.0
+
+
+class ModelCatalog:
+    def __init__(self, registry: InstanceRegistry, pool: UpstreamPool) -> None:
+        self._registry = registry
+        self._pool = pool
+        self._body: bytes | None = None
+        self._ids: frozenset[str] | None = None
+        self._fetched_at = 0.0
+        self._attempted_at = -RETRY_AFTER_S
+        self._refreshing: asyncio.Task[None] | None = None
+
+    async def models_body(self) -> bytes:
+        """The ``/v1/models`` response of a healthy decode instance."""
+        if self._body is None or self._stale():
+            await self.refresh()
+        if self._body is None:
+            raise ProxyError(503, "no decode instance answered /v1/models")
+        return self._body
+
+    async def check_model(self, model: str | None) -> None:
+        """Raises ProxyError(404) for a model the decode pool does not serve."""
+        if model is None:
+            return
+        if self._ids is None:
+            await self.refresh()
+        elif self._stale():
+            self._refresh_in_background()
+        if self._ids is not None and model not in self._ids:
+            # The pool may have just gained the model (a LoRA load, a new instance).
+            await self.refresh()
+            if self._ids is not None and model not in self._ids:
+                raise ProxyError(404, f"The model `{model}` does not exist.", "model")
+
+    async def refresh(self) -> None:
+        """Fetch the list now (concurrent callers share one fetch; failures back off)."""
+        task = self._refreshing
+        if task is None or task.done():
+            now = time.monotonic()
+            if now - self._attempted_at < RETRY_AFTER_S:
+                return
+            self._attempted_at = now
+            task = self._refreshing = asyncio.create_task(self._fetch())
+        await asyncio.shield(task)
+
+    async def _fetch(self) -> None:
+        for instance in self._registry.routable(Role.DECODE):
+            try:
+                status, body = await self._pool.get(instance.url, "/v1/models", FETCH_TIMEOUT_S)
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                continue
+            if status != 200:
+                continue
+            try:
+                data = orjson.loads(body)
+                ids = frozenset(
+                    card["id"] for card in data["data"] if isinstance(card.get("id"), str)
+                )
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                continue
+            self._body, self._ids, self._fetched_at = body, ids, time.monotonic()
+            return
+
+    async def stop(self) -> None:
+        task, self._refreshing = self._refreshing, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self._fetched_at > CACHE_TTL_S
+
+    def _refresh_in_background(self) -> None:
+        task = self._refreshing
+        now = time.monotonic()
+        if (task is None or task.done()) and now - self._attempted_at >= RETRY_AFTER_S:
+            self._attempted_at = now
+            self._refreshing = asyncio.create_task(self._fetch())

@@ -1,0 +1,122 @@
+"""Proxy configuration: one pydantic model per section, unknown keys refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MIB = 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PolicySpec(_Strict):
+    """A routing policy by name (``proxy.routing.<name>`` or a dotted module) and its options."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TimeoutConfig(_Strict):
+    """Per-stage deadlines of one proxied request, in seconds."""
+
+    connect_s: float = Field(default=2.0, gt=0)
+    # Whole prefill round trip (the prompt's forward pass on the prefill instance).
+    prefill_s: float = Field(default=300.0, gt=0)
+    # Decode leg sent -> first body byte (for non-stream requests: the whole response).
+    first_byte_s: float = Field(default=300.0, gt=0)
+    # Longest silence between two chunks of a streamed decode response.
+    stall_s: float = Field(default=120.0, gt=0)
+
+
+class HealthConfig(_Strict):
+    """Active health checks: ``GET <instance>/health`` every ``interval_s``."""
+
+    interval_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
+    failures_to_eject: int = Field(default=3, ge=1)
+    successes_to_readmit: int = Field(default=2, ge=1)
+
+
+class AdminConfig(_Strict):
+    """The admin API listener. ``port: null`` serves it on the public listener, but only
+    when a token is set; with neither a port nor a token the admin API is off."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=8001, ge=0, le=65535)
+    token: str | None = None
+
+
+class ProxyConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    prefill: list[str] = Field(default_factory=list)
+    decode: list[str] = Field(default_factory=list)
+    prefill_policy: PolicySpec = Field(default_factory=lambda: PolicySpec(name="prefill_cost"))
+    decode_policy: PolicySpec = Field(default_factory=lambda: PolicySpec(name="least_load"))
+    # Prompts with fewer (estimated) tokens skip the prefill leg and go straight to decode.
+    disagg_min_prompt_tokens: int = Field(default=0, ge=0)
+    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    # Idle upstream connections are closed before vLLM's own 5 s keep-alive does it,
+    # so the proxy never writes a request onto a socket the worker is closing.
+    upstream_keepalive_s: float = Field(default=4.0, gt=0)
+    max_body_bytes: int = Field(default=8 * MIB, gt=0)
+
+    @field_validator("prefill", "decode")
+    @classmethod
+    def _normalise_urls(cls, urls: list[str]) -> list[str]:
+        return [normalise_url(url) for url in urls]
+
+
+def normalise_url(url: str) -> str:
+    """``host:port`` or ``http://host:port/`` -> ``http://host:port`` (the instance's identity)."""
+    url = url.strip()
+    if not url:
+        raise ValueError("instance URL is empty")
+    if "://" not in url:
+        url = "http://" + url
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"instance URL {url!r} must use http:// or https://")
+    return url.rstrip("/")
+
+
+def load_proxy_config(path: str | Path) -> ProxyConfig:
+    """Read a YAML file; a document with a ``proxy:`` key (a topology file) yields that section.
+
+    Raises ValueError with a one-line message naming the file and the bad field.
+    """
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    section = document.get("proxy", document)
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: proxy: expected a mapping")
+    try:
+        return ProxyConfig.model_validate(section)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first error as ``field.path: message`` (one line, for the CLI)."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(root)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"

@@ -1,0 +1,109 @@
+"""Active health checks, ejection after consecutive failures, re-admission on recovery.
+
+Every ``interval_s`` each registered instance gets ``GET /health``. An instance that
+fails ``failures_to_eject`` checks in a row is ejected (routing never sees it); an
+ejected one that passes ``successes_to_readmit`` checks in a row is routable again.
+The request flow also reports connection failures here, so a dead instance is
+ejected as soon as requests notice, not only at the next check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+
+from proxy.config import HealthConfig
+from proxy.instances import Instance
+from proxy.metrics import ProxyMetrics
+from proxy.registry import InstanceRegistry
+from proxy.upstream import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+
+class HealthTracker:
+    """Counts consecutive successes and failures and flips ``Instance.healthy``."""
+
+    def __init__(
+        self, registry: InstanceRegistry, config: HealthConfig, metrics: ProxyMetrics
+    ) -> None:
+        self._registry = registry
+        self._config = config
+        self._metrics = metrics
+
+    def record_success(self, instance: Instance) -> None:
+        if instance.healthy:
+            instance.consecutive_failures = 0
+            return
+        instance.consecutive_successes += 1
+        if instance.consecutive_successes >= self._config.successes_to_readmit:
+            instance.consecutive_failures = 0
+            instance.consecutive_successes = 0
+            self._registry.set_healthy(instance, True)
+            log.warning("re-admitted %s instance %s", instance.role, instance.url)
+
+    def record_failure(self, instance: Instance, reason: str) -> None:
+        instance.consecutive_successes = 0
+        instance.consecutive_failures += 1
+        if instance.healthy and instance.consecutive_failures >= self._config.failures_to_eject:
+            self._registry.set_healthy(instance, False)
+            self._metrics.ejections.labels(instance.role.value, instance.url).inc()
+            log.warning(
+                "ejected %s instance %s after %d consecutive failures (last: %s)",
+                instance.role,
+                instance.url,
+                instance.consecutive_failures,
+                reason,
+            )
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        registry: InstanceRegistry,
+        pool: UpstreamPool,
+        config: HealthConfig,
+        tracker: HealthTracker,
+    ) -> None:
+        self._registry = registry
+        self._pool = pool
+        self._config = config
+        self._tracker = tracker
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="pdserve-health-checker")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def check_all(self) -> None:
+        """One round over every registered instance, concurrently."""
+        instances = self._registry.instances()
+        if instances:
+            await asyncio.gather(*(self._check(instance) for instance in instances))
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self._config.interval_s)
+
+    async def _check(self, instance: Instance) -> None:
+        try:
+            status, _ = await self._pool.get(instance.url, "/health", self._config.timeout_s)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._tracker.record_failure(instance, reason)
+            return
+        if status == 200:
+            self._tracker.record_success(instance)
+        else:
+            self._tracker.record_failure(instance, f"/health answered {status}")

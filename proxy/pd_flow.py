@@ -1,0 +1,468 @@
+"""One client request through the PD handoff: prefill leg, then decode leg streamed back.
+
+The prefill leg is the client's body with ``stream: false``, ``max_tokens: 1`` (and
+``max_completion_tokens: 1`` for chat), no ``min_tokens`` / ``stream_options``, and
+``kv_transfer_params: {"do_remote_decode": true}``. The decode leg is the client's
+original bytes with the prefill's returned ``kv_transfer_params`` spliced in, so
+unknown fields reach the worker exactly as sent. The decode response is relayed
+without parsing: its own ``usage`` is the client's usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy.config import TimeoutConfig
+from proxy.errors import ProxyError
+from proxy.health import HealthTracker
+from proxy.instances import Instance, Role
+from proxy.metrics import ProxyMetrics
+from proxy.registry import InstanceRegistry
+from proxy.request import ClientRequest, Endpoint
+from proxy.routing.base import RoutingPolicy, RoutingRequest
+from proxy.upstream import UpstreamPool
+
+# Status recorded for a request whose client went away before the response ended.
+CLIENT_CLOSED_STATUS = 499
+_PREFILL_DROPPED_FIELDS = ("min_tokens", "min_completion_tokens", "stream_options")
+# Prefill answers worth trying on another instance (the rest of 4xx are the client's fault).
+_RETRYABLE_4XX = frozenset({408, 429})
+
+
+class RoutePath(enum.Enum):
+    DISAGGREGATED = "disaggregated"
+    AGGREGATED = "aggregated"
+    FALLBACK = "fallback"  # disaggregation wanted, but no prefill instance is routable
+
+
+class UpstreamReply(Exception):
+    """A worker's own error answer (e.g. vLLM's 400), relayed to the client verbatim."""
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+class ClientGone(Exception):
+    """Writing to the client failed: it disconnected."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client disconnected")
+        self.response = response
+
+
+@dataclass(slots=True)
+class RoutedPolicy:
+    role: Role
+    name: str
+    policy: RoutingPolicy
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Per-request relay state the error handlers need after the deadline fires."""
+
+    out: web.StreamResponse | None = None
+    last_chunk: bytes = b""
+
+
+class PDFlow:
+    def __init__(
+        self,
+        *,
+        registry: InstanceRegistry,
+        pool: UpstreamPool,
+        prefill: RoutedPolicy,
+        decode: RoutedPolicy,
+        metrics: ProxyMetrics,
+        health: HealthTracker,
+        timeouts: TimeoutConfig,
+        disagg_min_prompt_tokens: int,
+    ) -> None:
+        self._registry = registry
+        self._pool = pool
+        self._prefill = prefill
+        self._decode = decode
+        self._metrics = metrics
+        self._health = health
+        self._timeouts = timeouts
+        self._disagg_min = disagg_min_prompt_tokens
+        self._decisions: dict[tuple[Role, str], Any] = {}
+        self._timeout_counters = {
+            stage: metrics.timeouts.labels(stage)
+            for stage in ("connect", "prefill", "first_byte", "stall")
+        }
+        self._prefill_retries = metrics.retries.labels("prefill")
+
+    # -- entry point ------------------------------------------------------------------
+
+    async def run(
+        self,
+        http_request: web.Request,
+        req: ClientRequest,
+        request_id: str,
+        headers: Mapping[str, str],
+        started: float,
+    ) -> web.StreamResponse:
+        """Serve the request; never raises except CancelledError (client disconnect)."""
+        path = self._choose_path(req)
+        status = 500
+        try:
+            response, status, path = await self._serve(
+                http_request, req, request_id, headers, started, path
+            )
+            return response
+        except ProxyError as exc:
+            status = exc.status
+            return error_response(exc, request_id)
+        except UpstreamReply as reply:
+            status = reply.status
+            return web.Response(
+                status=reply.status,
+                body=reply.body,
+                headers={"Content-Type": reply.content_type, "X-Request-Id": request_id},
+            )
+        except ClientGone as gone:
+            status = CLIENT_CLOSED_STATUS
+            return gone.response
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_STATUS
+            raise
+        finally:
+            endpoint, model = req.endpoint.value, req.model or ""
+            self._metrics.count_request(endpoint, model, status, path.value)
+            elapsed = asyncio.get_running_loop().time() - started
+            self._metrics.e2e.labels(endpoint, model, path.value).observe(elapsed)
+
+    def _choose_path(self, req: ClientRequest) -> RoutePath:
+        if not req.single_sequence or req.prompt_tokens < self._disagg_min:
+            return RoutePath.AGGREGATED
+        if self._registry.routable(Role.PREFILL):
+            return RoutePath.DISAGGREGATED
+        if self._registry.instances(Role.PREFILL):
+            return RoutePath.FALLBACK
+        return RoutePath.AGGREGATED
+
+    async def _serve(
+        self,
+        http_request: web.Request,
+        req: ClientRequest,
+        request_id: str,
+        headers: Mapping[str, str],
+        started: float,
+        path: RoutePath,
+    ) -> tuple[web.StreamResponse, int, RoutePath]:
+        # Checked before the prefill leg: prefilling for a request no one can decode
+        # would only strand KV blocks on the prefill instance.
+        if not self._registry.routable(Role.DECODE):
+            raise ProxyError(503, "no healthy decode instance")
+        routing = RoutingRequest(request_id, req.prompt, req.prompt_tokens, req.max_tokens)
+        body = req.raw
+        prefilled_at: float | None = None
+        if path is RoutePath.DISAGGREGATED:
+            kv_params = await self._prefill_with_retry(req, routing, headers)
+            if kv_params is None:  # the prefill pool emptied meanwhile
+                path = RoutePath.FALLBACK
+            else:
+                prefilled_at = asyncio.get_running_loop().time()
+                body = with_kv_transfer_params(req, kv_params)
+        candidates = self._registry.routable(Role.DECODE)
+        if not candidates:
+            raise ProxyError(503, "no healthy decode instance")
+        instance = self._select(self._decode, candidates, routing)
+        load = req.prompt_tokens + req.max_tokens
+        instance.in_flight_requests += 1
+        instance.in_flight_tokens += load
+        try:
+            response, status = await self._decode_leg(
+                http_request, req, instance, body, headers, request_id, started, path,
+                routing, prefilled_at,
+            )  # fmt: skip
+        finally:
+            instance.in_flight_requests -= 1
+            instance.in_flight_tokens -= load
+        return response, status, path
+
+    def _select(
+        self, routed: RoutedPolicy, candidates: list[Instance], routing: RoutingRequest
+    ) -> Instance:
+        instance = routed.policy.select(candidates, routing)
+        key = (routed.role, instance.url)
+        counter = self._decisions.get(key)
+        if counter is None:
+            counter = self._decisions[key] = self._metrics.routing_decisions.labels(
+                routed.role.value, routed.name, instance.url
+            )
+        counter.inc()
+        return instance
+
+    # -- prefill leg --------------------------------------------------------------------
+
+    async def _prefill_with_retry(
+        self, req: ClientRequest, routing: RoutingRequest, headers: Mapping[str, str]
+    ) -> dict[str, Any] | None:
+        """kv_transfer_params from a prefill instance, trying a second one once.
+
+        None when no prefill instance is routable at all.
+        """
+        body = prefill_body(req)
+        failed: Instance | None = None
+        error: ProxyError | None = None
+        for attempt in range(2):
+            candidates = self._registry.routable(Role.PREFILL)
+            if failed is not None:
+                candidates = [c for c in candidates if c is not failed]
+            if not candidates:
+                break
+            if attempt:
+                self._prefill_retries.inc()
+            instance = self._select(self._prefill, candidates, routing)
+            outcome = await self._prefill_once(instance, req.endpoint, body, headers, routing)
+            if isinstance(outcome, dict):
+                return outcome
+            error, failed = outcome, instance
+        return None if error is None else _raise(error)
+
+    async def _prefill_once(
+        self,
+        instance: Instance,
+        endpoint: Endpoint,
+        body: bytes,
+        headers: Mapping[str, str],
+        routing: RoutingRequest,
+    ) -> dict[str, Any] | ProxyError:
+        loop = asyncio.get_running_loop()
+        tokens = routing.prompt_tokens
+        instance.in_flight_requests += 1
+        instance.in_flight_tokens += tokens
+        instance.queued_prompt_tokens += tokens
+        sent = loop.time()
+        url = instance.url
+        try:
+            async with asyncio.timeout(self._timeouts.prefill_s):
+                upstream = await self._pool.post(url, endpoint.path, body, headers)
+                try:
+                    data = await upstream.read()
+                except BaseException:
+                    upstream.close()
+                    raise
+        except aiohttp.ConnectionTimeoutError:
+            self._timeout_counters["connect"].inc()
+            self._health.record_failure(instance, "connect timeout")
+            return ProxyError(
+                504, f"connecting to prefill instance {url} timed out "
+                f"after {self._timeouts.connect_s:g}s",
+            )  # fmt: skip
+        except aiohttp.ClientConnectorError as exc:
+            self._health.record_failure(instance, str(exc))
+            return ProxyError(502, f"cannot connect to prefill instance {url}: {exc.os_error}")
+        except aiohttp.ClientError as exc:
+            return ProxyError(502, f"prefill instance {url} failed: {_describe(exc)}")
+        except TimeoutError:
+            self._timeout_counters["prefill"].inc()
+            return ProxyError(
+                504, f"prefill instance {url} did not answer within {self._timeouts.prefill_s:g}s"
+            )
+        finally:
+            instance.in_flight_requests -= 1
+            instance.in_flight_tokens -= tokens
+            instance.queued_prompt_tokens -= tokens
+        elapsed = loop.time() - sent
+        status = upstream.status
+        if status != 200:
+            if 400 <= status < 500 and status not in _RETRYABLE_4XX:
+                raise UpstreamReply(status, data, upstream.content_type)
+            return ProxyError(502, f"prefill instance {url} answered HTTP {status}: {data[:200]!r}")
+        try:
+            params = orjson.loads(data).get("kv_transfer_params")
+        except (orjson.JSONDecodeError, AttributeError):
+            params = None
+        if not isinstance(params, dict):
+            return ProxyError(502, f"prefill instance {url} returned no kv_transfer_params")
+        self._metrics.stage_prefill.observe(elapsed)
+        self._prefill.policy.observe(instance, routing, elapsed)
+        return params
+
+    # -- decode leg ---------------------------------------------------------------------
+
+    async def _decode_leg(
+        self,
+        http_request: web.Request,
+        req: ClientRequest,
+        instance: Instance,
+        body: bytes,
+        headers: Mapping[str, str],
+        request_id: str,
+        started: float,
+        path: RoutePath,
+        routing: RoutingRequest,
+        prefilled_at: float | None,
+    ) -> tuple[web.StreamResponse, int]:
+        loop = asyncio.get_running_loop()
+        metrics = self._metrics
+        url = instance.url
+        stream = _Stream()
+        sent = loop.time()
+        if prefilled_at is not None:
+            metrics.stage_handoff.observe(sent - prefilled_at)
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(self._timeouts.first_byte_s) as deadline:
+                upstream = await self._pool.post(url, req.endpoint.path, body, headers)
+                if not (req.stream and upstream.status == 200):
+                    data = await upstream.read()
+                    metrics.stage_decode_first_token.observe(loop.time() - sent)
+                    if upstream.status == 200:
+                        self._decode.policy.observe(instance, routing, loop.time() - sent)
+                    response = web.Response(
+                        status=upstream.status,
+                        body=data,
+                        headers={
+                            "Content-Type": upstream.headers.get(
+                                "Content-Type", "application/json"
+                            ),
+                            "X-Request-Id": request_id,
+                        },
+                    )
+                    return response, upstream.status
+                content = upstream.content
+                chunk = await content.readany()
+                if not chunk:
+                    raise ProxyError(502, f"decode instance {url} ended the stream without data")
+                now = loop.time()
+                metrics.stage_decode_first_token.observe(now - sent)
+                out = web.StreamResponse(
+                    headers={
+                        "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+                        "Cache-Control": "no-cache",
+                        "X-Request-Id": request_id,
+                    }
+                )
+                stream.out = out
+                try:
+                    await out.prepare(http_request)
+                    await out.write(chunk)
+                except ConnectionResetError:
+                    raise ClientGone(out) from None
+                stream.last_chunk = chunk
+                endpoint, model = req.endpoint.value, req.model or ""
+                metrics.ttft.labels(endpoint, model, path.value).observe(loop.time() - started)
+                itl = metrics.itl.labels(endpoint, model)
+                stall_s = self._timeouts.stall_s
+                last = now
+                while True:
+                    deadline.reschedule(now + stall_s)
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    now = loop.time()
+                    itl.observe(now - last)
+                    last = now
+                    stream.last_chunk = chunk
+                    try:
+                        await out.write(chunk)
+                    except ConnectionResetError:
+                        raise ClientGone(out) from None
+            self._decode.policy.observe(instance, routing, loop.time() - sent)
+            try:
+                await out.write_eof()
+            except ConnectionResetError:
+                raise ClientGone(out) from None
+            return out, 200
+        except aiohttp.ConnectionTimeoutError:
+            self._timeout_counters["connect"].inc()
+            self._health.record_failure(instance, "connect timeout")
+            raise ProxyError(
+                504, f"connecting to decode instance {url} timed out "
+                f"after {self._timeouts.connect_s:g}s",
+            ) from None  # fmt: skip
+        except aiohttp.ClientConnectorError as exc:
+            self._health.record_failure(instance, str(exc))
+            raise ProxyError(
+                502, f"cannot connect to decode instance {url}: {exc.os_error}"
+            ) from None
+        except aiohttp.ClientError as exc:
+            error = ProxyError(502, f"decode instance {url} failed: {_describe(exc)}")
+            if stream.out is None:
+                raise error from None
+            return await _end_stream_with_error(stream, error)
+        except TimeoutError:
+            if stream.out is None:
+                self._timeout_counters["first_byte"].inc()
+                raise ProxyError(
+                    504, f"decode instance {url} sent nothing within "
+                    f"{self._timeouts.first_byte_s:g}s",
+                ) from None  # fmt: skip
+            self._timeout_counters["stall"].inc()
+            error = ProxyError(
+                504, f"decode instance {url} stalled for more than {self._timeouts.stall_s:g}s"
+            )
+            return await _end_stream_with_error(stream, error)
+        finally:
+            if upstream is not None:
+                # A no-op after a complete read; otherwise it drops the connection,
+                # which makes vLLM abort the request.
+                upstream.close()
+
+
+def prefill_body(req: ClientRequest) -> bytes:
+    body = dict(req.body)
+    body["stream"] = False
+    body["max_tokens"] = 1
+    if req.endpoint is Endpoint.CHAT:
+        body["max_completion_tokens"] = 1
+    for field in _PREFILL_DROPPED_FIELDS:
+        body.pop(field, None)
+    body["kv_transfer_params"] = {"do_remote_decode": True}
+    return orjson.dumps(body)
+
+
+def with_kv_transfer_params(req: ClientRequest, params: dict[str, Any]) -> bytes:
+    """The client's bytes with ``kv_transfer_params`` appended, without re-serialising."""
+    if "kv_transfer_params" in req.body:
+        body = dict(req.body)
+        body["kv_transfer_params"] = params
+        return orjson.dumps(body)
+    raw = req.raw.rstrip()
+    return raw[:-1] + b',"kv_transfer_params":' + orjson.dumps(params) + b"}"
+
+
+def error_response(error: ProxyError, request_id: str | None = None) -> web.Response:
+    headers = {"Content-Type": "application/json"}
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
+    return web.Response(status=error.status, body=error.body(), headers=headers)
+
+
+async def _end_stream_with_error(
+    stream: _Stream, error: ProxyError
+) -> tuple[web.StreamResponse, int]:
+    out = stream.out
+    assert out is not None
+    # Close a half-relayed event first, or the client would glue the error onto it.
+    separator = b"" if stream.last_chunk.endswith(b"\n\n") else b"\n\n"
+    try:
+        await out.write(separator + error.sse_event())
+        await out.write_eof()
+    except ConnectionResetError:
+        raise ClientGone(out) from None
+    return out, error.status
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _raise(error: ProxyError) -> Any:
+    raise error

@@ -1,0 +1,176 @@
+"""ProxyServer: wires the registry, policies, upstream pool, health checks and listeners
+together behind an explicit async start()/stop().
+
+Embedders (the Ray deployment) construct one, ``await start()``, then feed it
+instances through :attr:`registry` (or ``add_instance`` / ``remove_instance`` /
+``drain_instance``); the admin API drives the same registry.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+from aiohttp import web
+
+from proxy.admin import AdminAPI
+from proxy.api import PublicAPI
+from proxy.catalog import ModelCatalog
+from proxy.config import ProxyConfig
+from proxy.health import HealthChecker, HealthTracker
+from proxy.instances import Instance, Role
+from proxy.metrics import ProxyMetrics
+from proxy.pd_flow import PDFlow, RoutedPolicy
+from proxy.registry import InstanceRegistry
+from proxy.routing import load_policy
+from proxy.routing.base import RoutingPolicy
+from proxy.upstream import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+# Streams still open at stop() get this long to finish before they are cut.
+SHUTDOWN_GRACE_S = 5.0
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        prefill_policy: RoutingPolicy | None = None,
+        decode_policy: RoutingPolicy | None = None,
+    ) -> None:
+        """Policies default to the config's; ValueError names a bad policy or URL."""
+        self.config = config
+        self.registry = InstanceRegistry()
+        for url in config.prefill:
+            self.registry.add(url, Role.PREFILL)
+        for url in config.decode:
+            self.registry.add(url, Role.DECODE)
+        self.metrics = ProxyMetrics(self.registry.instances)
+        self._prefill = RoutedPolicy(
+            Role.PREFILL,
+            config.prefill_policy.name,
+            prefill_policy
+            or load_policy(config.prefill_policy.name, config.prefill_policy.options),
+        )
+        self._decode = RoutedPolicy(
+            Role.DECODE,
+            config.decode_policy.name,
+            decode_policy or load_policy(config.decode_policy.name, config.decode_policy.options),
+        )
+        self.registry.on_remove(self._forget)
+        self._pool = UpstreamPool(config.upstream_keepalive_s, config.timeouts.connect_s)
+        self._tracker = HealthTracker(self.registry, config.health, self.metrics)
+        self.health_checker = HealthChecker(
+            self.registry, self._pool, config.health, self._tracker
+        )
+        self._catalog = ModelCatalog(self.registry, self._pool)
+        self._runners: list[web.AppRunner] = []
+        self.port: int | None = None
+        self.admin_port: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._runners:
+            raise RuntimeError("ProxyServer is already started")
+        await self._pool.start()
+        try:
+            await self._start_listeners()
+        except BaseException:
+            await self.stop()
+            raise
+        await self.health_checker.start()
+        log.info("proxy listening on %s (admin: %s)", self.url, self.admin_url or "off")
+
+    async def stop(self) -> None:
+        await self.health_checker.stop()
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            await runner.cleanup()
+        await self._catalog.stop()
+        await self._pool.stop()
+
+    async def __aenter__(self) -> ProxyServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str | None:
+        if self.admin_port is None:
+            return None
+        return f"http://{self.config.admin.host}:{self.admin_port}"
+
+    # -- instances ----------------------------------------------------------------------
+
+    def add_instance(self, url: str, role: Role | str) -> Instance:
+        return self.registry.add(url, role)
+
+    def remove_instance(self, url: str) -> Instance:
+        return self.registry.remove(url)
+
+    def drain_instance(self, url: str) -> Instance:
+        return self.registry.drain(url)
+
+    def _forget(self, instance: Instance) -> None:
+        routed = self._prefill if instance.role is Role.PREFILL else self._decode
+        routed.policy.forget(instance)
+
+    # -- wiring -------------------------------------------------------------------------
+
+    async def _start_listeners(self) -> None:
+        config = self.config
+        flow = PDFlow(
+            registry=self.registry,
+            pool=self._pool,
+            prefill=self._prefill,
+            decode=self._decode,
+            metrics=self.metrics,
+            health=self._tracker,
+            timeouts=config.timeouts,
+            disagg_min_prompt_tokens=config.disagg_min_prompt_tokens,
+        )
+        public = PublicAPI(
+            flow=flow,
+            catalog=self._catalog,
+            registry=self.registry,
+            metrics=self.metrics,
+            max_body_bytes=config.max_body_bytes,
+        )
+        app = web.Application(client_max_size=config.max_body_bytes)
+        public.install(app)
+        admin = AdminAPI(self.registry, config.admin.token)
+        if config.admin.port is None and config.admin.token:
+            admin.install(app)
+        public.install_fallback(app)
+        self.port = await self._listen(app, config.host, config.port)
+        if config.admin.port is not None:
+            admin_app = web.Application()
+            admin.install(admin_app)
+            public.install_fallback(admin_app)
+            self.admin_port = await self._listen(admin_app, config.admin.host, config.admin.port)
+
+    async def _listen(self, app: web.Application, host: str, port: int) -> int:
+        # handler_cancellation: a client that disconnects cancels its handler, which
+        # closes both upstream legs at once (vLLM aborts the request on disconnect).
+        runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, host, port, backlog=4096)
+        await site.start()
+        return int(runner.addresses[-1][1])
