@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 ROLES = ("prefill", "decode")
 
@@ -35,8 +36,9 @@ ROLES = ("prefill", "decode")
 class RecordedRequest:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]  # case-insensitive, as HTTP headers are
     body: Any  # the parsed JSON body, or None
+    peer: tuple[str, int] | None = None  # the client's address: shows connection reuse
 
 
 @dataclass
@@ -67,6 +69,10 @@ class FakeWorker:
     requests: list[RecordedRequest] = field(default_factory=list)
     # Generate requests whose client (the proxy) went away before the answer ended.
     disconnects: int = 0
+    # kv_transfer_params handed out by a prefill worker, in order.
+    kv_issued: list[dict[str, Any]] = field(default_factory=list)
+    # The exact bytes of every streamed response body sent.
+    streams: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -166,6 +172,8 @@ class FakeWorker:
         wants_kv = kv_in.get("do_remote_decode") and not faults.omit_kv_transfer_params
         if self.role == "prefill" and wants_kv:
             kv_out = self._kv_transfer_params(request_id)
+            if self.record:
+                self.kv_issued.append(kv_out)
         usage = {
             "prompt_tokens": _prompt_tokens(body, chat),
             "completion_tokens": count * n,
@@ -210,6 +218,17 @@ class FakeWorker:
         if faults.first_chunk_delay_s:
             await asyncio.sleep(faults.first_chunk_delay_s)
         sent = 0
+        log = bytearray()
+        slot = len(self.streams)
+        if self.record:
+            self.streams.append(b"")
+
+        async def emit(data: bytes) -> None:
+            await out.write(data)
+            if self.record:
+                log.extend(data)
+                self.streams[slot] = bytes(log)
+
         for i in range(count):
             for index in range(n):
                 if faults.drop_after_chunks is not None and sent >= faults.drop_after_chunks:
@@ -231,14 +250,14 @@ class FakeWorker:
                         "index": index, "text": _token(i), "logprobs": None,
                         "finish_reason": finish,
                     }  # fmt: skip
-                await out.write(b"data: " + _dumps({**base, "choices": [choice]}) + b"\n\n")
+                await emit(b"data: " + _dumps({**base, "choices": [choice]}) + b"\n\n")
                 sent += 1
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage", True):
-            await out.write(b"data: " + _dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
-        await out.write(b"data: [DONE]\n\n")
+            await emit(b"data: " + _dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
+        await emit(b"data: [DONE]\n\n")
         await out.write_eof()
         return out
 
@@ -259,8 +278,15 @@ class FakeWorker:
 
     def _record(self, request: web.Request, body: Any) -> None:
         if self.record:
+            peer = request.transport.get_extra_info("peername") if request.transport else None
             self.requests.append(
-                RecordedRequest(request.method, request.path, dict(request.headers), body)
+                RecordedRequest(
+                    request.method,
+                    request.path,
+                    CIMultiDict(request.headers),
+                    body,
+                    tuple(peer[:2]) if peer else None,
+                )
             )
 
 

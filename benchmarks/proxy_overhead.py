@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -196,7 +197,7 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 
 @dataclass
 class RunResult:
-    target: str  # direct | proxy
+    target: str  # direct | proxy | baseline
     mode: str  # nonstream | stream
     concurrency: int
     client: str
@@ -212,6 +213,7 @@ class RunResult:
     proxy_cpu_us_per_request: float | None = None
     workers_cpu_us_per_request: float | None = None
     error_samples: list[str] = field(default_factory=list)
+    round: int = 0
 
 
 def _ms(value: float | None) -> float | None:
@@ -310,7 +312,8 @@ def _wrk(
     script = workdir / f"wrk_{mode}.lua"
     script.write_text(_WRK_SCRIPT.format(body=_lua_string(body)))
     path = "/v1/completions" if args.api == "completions" else "/v1/chat/completions"
-    argv = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), url + path]
+    argv = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s"]
+    argv += ["-s", str(script), url + path]
     completed = subprocess.run(
         argv, capture_output=True, text=True, timeout=seconds + 30, check=False
     )
@@ -350,6 +353,83 @@ def run_wrk(
         p99_ms=stats["p99_us"] / 1000.0,
         error_samples=[f"wrk errors: {stats}"] if errors else [],
     )
+
+
+# -- baseline -----------------------------------------------------------------------------
+# A deliberately plain aiohttp + uvloop PD proxy (pooled keep-alive session, P then D,
+# D's body relayed chunk by chunk, no health, metrics or policies). It is the "plain
+# aiohttp proxy" the project must beat, measured in the same run on the same box, so
+# the comparison does not depend on how busy the machine was on another day.
+
+
+def _baseline_app(prefill_url: str, decode_url: str) -> Any:
+    import aiohttp
+    import orjson
+    from aiohttp import web
+
+    state: dict[str, aiohttp.ClientSession] = {}
+
+    async def on_startup(app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0)
+        state["session"] = aiohttp.ClientSession(connector=connector)
+
+    async def on_cleanup(app: web.Application) -> None:
+        await state["session"].close()
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        session = state["session"]
+        body = orjson.loads(await request.read())
+        prefill = dict(body)
+        prefill.update(stream=False, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+        prefill.pop("stream_options", None)
+        async with session.post(prefill_url + request.path, data=orjson.dumps(prefill)) as p:
+            params = orjson.loads(await p.read())["kv_transfer_params"]
+        body["kv_transfer_params"] = params
+        async with session.post(decode_url + request.path, data=orjson.dumps(body)) as d:
+            response = web.StreamResponse(status=d.status)
+            response.content_type = d.content_type
+            await response.prepare(request)
+            async for chunk in d.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", generate)
+    app.router.add_post("/v1/chat/completions", generate)
+    app.router.add_get("/health", health)
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def baseline_proxy_main(argv: Sequence[str] | None = None) -> None:
+    """``python -c 'from benchmarks.proxy_overhead import baseline_proxy_main as m; m()' ...``"""
+    import uvloop
+    from aiohttp import web
+
+    parser = argparse.ArgumentParser(prog="baseline-proxy")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--prefill", required=True)
+    parser.add_argument("--decode", required=True)
+    args = parser.parse_args(argv)
+    uvloop.install()
+    web.run_app(
+        _baseline_app(args.prefill, args.decode),
+        host="127.0.0.1",
+        port=args.port,
+        access_log=None,
+        print=None,
+    )
+
+
+def baseline_argv(port: int, prefill_url: str, decode_url: str) -> list[str]:
+    code = "from benchmarks.proxy_overhead import baseline_proxy_main as m; m()"
+    argv = [sys.executable, "-c", code, "--port", str(port)]
+    return [*argv, "--prefill", prefill_url, "--decode", decode_url]
 
 
 # -- profiling ----------------------------------------------------------------------------
@@ -471,6 +551,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with _terminate_on_signals():
             prefill_port, decode_port, proxy_port = free_port(), free_port(), free_port()
+            baseline_port = free_port()
             prefill = services.start(
                 "fake-prefill",
                 fake_worker_argv("prefill", prefill_port, args),
@@ -488,59 +569,69 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 proxy_argv(proxy_port, prefill.url, decode.url, config_path, args),
                 f"http://127.0.0.1:{proxy_port}",
             )
+            proxies = {"proxy": proxy}
+            if "baseline" in args.targets:
+                proxies["baseline"] = services.start(
+                    "baseline-proxy",
+                    baseline_argv(baseline_port, prefill.url, decode.url),
+                    f"http://127.0.0.1:{baseline_port}",
+                )
             probe = request_body(args.api, False, args.prompt, args.max_tokens, args.model)
             path = "/v1/completions" if args.api == "completions" else "/v1/chat/completions"
             for service in (prefill, decode):
                 wait_ready(service, "/health", args.startup_timeout)
             wait_ready(decode, path, args.startup_timeout, probe)
-            wait_ready(proxy, "/health", args.startup_timeout)
-            # The proxy is ready for traffic when a full PD request goes through.
-            wait_ready(proxy, path, args.startup_timeout, probe)
+            for service in proxies.values():
+                wait_ready(service, "/health", args.startup_timeout)
+                # A proxy is ready for traffic when a full PD request goes through.
+                wait_ready(service, path, args.startup_timeout, probe)
+            targets = [("direct", decode)] + [
+                (name, proxies[name]) for name in ("proxy", "baseline") if name in proxies
+            ]
 
-            for mode in args.modes:
-                for concurrency in args.concurrency:
-                    duration = args.duration if concurrency > 1 else args.duration_c1
-                    for target, service in (("direct", decode), ("proxy", proxy)):
-                        print(
-                            f"  {target:<6} {mode:<9} c={concurrency:<3} {duration:g}s ...",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                        # Warm-up (connections, the proxy's upstream pool) stays
-                        # outside the CPU window.
-                        if client == "wrk":
-                            warm_wrk(service.url, mode, concurrency, args, workdir)
-                        else:
-                            warm_aiohttp(service.url, mode, concurrency, args)
-                        proxy_pids = process_tree(proxy.process.pid)
-                        worker_pids = process_tree(prefill.process.pid) + process_tree(
-                            decode.process.pid
-                        )
-                        proxy_cpu, worker_cpu = cpu_seconds(proxy_pids), cpu_seconds(worker_pids)
-                        profiler = None
-                        if args.py_spy and target == "proxy":
-                            stacks = args.py_spy / f"proxy-{mode}-c{concurrency}.txt"
-                            profiler = start_py_spy(proxy.process.pid, duration, stacks)
-                        if client == "wrk":
-                            result = run_wrk(
-                                service.url, mode, concurrency, duration, args, workdir
-                            )
-                        else:
-                            result = run_aiohttp(service.url, mode, concurrency, duration, args)
-                        proxy_cpu = cpu_seconds(proxy_pids) - proxy_cpu
-                        worker_cpu = cpu_seconds(worker_pids) - worker_cpu
-                        if profiler is not None:
-                            profiles[f"{mode}-c{concurrency}"] = _finish_profile(
-                                profiler, stacks, duration
-                            )
-                        result.target = target
-                        if result.requests:
-                            if target == "proxy":
-                                result.proxy_cpu_us_per_request = proxy_cpu / result.requests * 1e6
-                            result.workers_cpu_us_per_request = worker_cpu / result.requests * 1e6
-                        results.append(result)
-                        if proxy.process.poll() is not None:
-                            raise BenchError(f"the proxy exited:\n{proxy.log_tail()}")
+            # Rounds alternate the targets point by point, so slow drift in what else
+            # runs on the box hits direct, proxy and baseline alike.
+            points = itertools.product(args.modes, args.concurrency, range(args.repeat), targets)
+            for mode, concurrency, round_index, (target, service) in points:
+                duration = args.duration if concurrency > 1 else args.duration_c1
+                print(
+                    f"  {target:<8} {mode:<9} c={concurrency:<3} {duration:g}s "
+                    f"round {round_index + 1}/{args.repeat} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                # Warm-up (connections, the proxy's upstream pool) stays
+                # outside the CPU window.
+                if client == "wrk":
+                    warm_wrk(service.url, mode, concurrency, args, workdir)
+                else:
+                    warm_aiohttp(service.url, mode, concurrency, args)
+                proxy_pids = process_tree(service.process.pid)
+                worker_pids = process_tree(prefill.process.pid) + process_tree(decode.process.pid)
+                proxy_cpu, worker_cpu = cpu_seconds(proxy_pids), cpu_seconds(worker_pids)
+                profiler = None
+                if args.py_spy and target != "direct" and round_index == 0:
+                    stacks = args.py_spy / f"{target}-{mode}-c{concurrency}.txt"
+                    profiler = start_py_spy(service.process.pid, duration, stacks)
+                if client == "wrk":
+                    result = run_wrk(service.url, mode, concurrency, duration, args, workdir)
+                else:
+                    result = run_aiohttp(service.url, mode, concurrency, duration, args)
+                proxy_cpu = cpu_seconds(proxy_pids) - proxy_cpu
+                worker_cpu = cpu_seconds(worker_pids) - worker_cpu
+                if profiler is not None:
+                    profiles[f"{target}-{mode}-c{concurrency}"] = _finish_profile(
+                        profiler, stacks, duration
+                    )
+                result.target, result.round = target, round_index
+                if result.requests:
+                    if target != "direct":
+                        result.proxy_cpu_us_per_request = proxy_cpu / result.requests * 1e6
+                    result.workers_cpu_us_per_request = worker_cpu / result.requests * 1e6
+                results.append(result)
+                for running in proxies.values():
+                    if running.process.poll() is not None:
+                        raise BenchError(f"{running.name} exited:\n{running.log_tail()}")
     finally:
         services.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -564,6 +655,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "token_delay_ms": args.token_delay_ms,
             "prefill_policy": args.prefill_policy,
             "decode_policy": args.decode_policy,
+            "targets": ["direct", *args.targets],
+            "repeat": args.repeat,
         },
         "runs": [asdict(result) for result in results],
         "added": added_latency(results),
@@ -584,20 +677,42 @@ def _finish_profile(profiler: subprocess.Popen[bytes], stacks: Path, duration: f
     return {"stacks": str(stacks), **summarize_stacks(stacks)}
 
 
+def _median(values: Sequence[float | None]) -> float | None:
+    present = sorted(v for v in values if v is not None)
+    if not present:
+        return None
+    middle = len(present) // 2
+    if len(present) % 2:
+        return present[middle]
+    return (present[middle - 1] + present[middle]) / 2
+
+
 def added_latency(results: Sequence[RunResult]) -> list[dict[str, Any]]:
-    direct = {(r.mode, r.concurrency): r for r in results if r.target == "direct"}
+    """Per proxied target and point: medians over rounds, minus direct's medians."""
+    groups: dict[tuple[str, str, int], list[RunResult]] = {}
+    for result in results:
+        groups.setdefault((result.target, result.mode, result.concurrency), []).append(result)
+
+    def median_of(runs: Sequence[RunResult], key: str) -> float | None:
+        return _median([getattr(run, key) for run in runs])
+
     rows = []
-    for proxied in (r for r in results if r.target == "proxy"):
-        base = direct.get((proxied.mode, proxied.concurrency))
-        if base is None:
+    for (target, mode, concurrency), runs in groups.items():
+        base = groups.get(("direct", mode, concurrency))
+        if target == "direct" or base is None:
             continue
-        row: dict[str, Any] = {"mode": proxied.mode, "concurrency": proxied.concurrency}
+        row: dict[str, Any] = {
+            "target": target,
+            "mode": mode,
+            "concurrency": concurrency,
+            "rounds": len(runs),
+        }
         for key in ("p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms"):
-            a, b = getattr(proxied, key), getattr(base, key)
+            a, b = median_of(runs, key), median_of(base, key)
             row[f"added_{key}"] = None if a is None or b is None else a - b
-        row["proxy_cpu_us_per_request"] = proxied.proxy_cpu_us_per_request
-        row["proxy_requests_per_s"] = proxied.requests_per_s
-        row["direct_requests_per_s"] = base.requests_per_s
+        row["proxy_cpu_us_per_request"] = median_of(runs, "proxy_cpu_us_per_request")
+        row["proxy_requests_per_s"] = median_of(runs, "requests_per_s")
+        row["direct_requests_per_s"] = median_of(base, "requests_per_s")
         rows.append(row)
     return rows
 
@@ -607,26 +722,27 @@ def format_table(report: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     header = (
-        f"{'target':<7} {'mode':<9} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'target':<8} {'mode':<9} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'ttft50':>8} {'ttft99':>8} {'proxy µs/req':>12} {'errors':>6}"
     )
     lines = [f"client: {report['config']['client']}", header, "-" * len(header)]
     for run in report["runs"]:
         lines.append(
-            f"{run['target']:<7} {run['mode']:<9} {run['concurrency']:>4} "
+            f"{run['target']:<8} {run['mode']:<9} {run['concurrency']:>4} "
             f"{run['requests_per_s']:>8.0f} {num(run['p50_ms']):>8} {num(run['p99_ms']):>8} "
             f"{num(run['ttft_p50_ms']):>8} {num(run['ttft_p99_ms']):>8} "
             f"{num(run['proxy_cpu_us_per_request'], 0):>12} {run['errors']:>6}"
         )
     lines.append("")
     added_header = (
-        f"{'added by proxy':<16} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'added over direct':<18} {'mode':<9} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'ttft50':>8} {'ttft99':>8} {'proxy µs/req':>12}"
     )
     lines += [added_header, "-" * len(added_header)]
     for row in report["added"]:
         lines.append(
-            f"{row['mode']:<16} {row['concurrency']:>4} {num(row['added_p50_ms']):>8} "
+            f"{row['target']:<18} {row['mode']:<9} {row['concurrency']:>4} "
+            f"{num(row['added_p50_ms']):>8} "
             f"{num(row['added_p99_ms']):>8} {num(row['added_ttft_p50_ms']):>8} "
             f"{num(row['added_ttft_p99_ms']):>8} {num(row['proxy_cpu_us_per_request'], 0):>12}"
         )
@@ -654,6 +770,14 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
+def _targets(text: str) -> list[str]:
+    targets = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [t for t in targets if t not in ("proxy", "baseline")]
+    if not targets or bad or "proxy" not in targets:
+        raise argparse.ArgumentTypeError(f"targets are proxy[,baseline]; got {text!r}")
+    return targets
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -672,6 +796,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--duration-c1", type=_positive, default=5.0, help="seconds per run at concurrency 1"
+    )
+    parser.add_argument(
+        "--targets",
+        type=_targets,
+        default=["proxy", "baseline"],
+        help="proxies to measure besides direct: proxy (pdserve), baseline (a plain "
+        "aiohttp PD proxy, for a same-machine comparison); default proxy,baseline",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds per point; the summary takes medians"
     )
     parser.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto")
     parser.add_argument("--api", choices=["completions", "chat"], default="completions")
@@ -700,6 +834,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
         raise CliError("--max-tokens must be >= 1")
+    if args.repeat < 1:
+        raise CliError("--repeat must be >= 1")
     if not Path("/proc/self/stat").exists():
         raise CliError("this benchmark reads CPU time from /proc and needs Linux")
     try:
@@ -707,8 +843,16 @@ def run(args: argparse.Namespace) -> int:
     except BenchError as exc:
         raise CliError(str(exc)) from None
     print(format_table(report))
+    # Our own processes load the box during the runs, so only the figure from before says
+    # whether other work was competing for the cores.
+    before = report["machine"]["load_average_before"][0]
+    if before > 1.0:
+        print(
+            f"\nnote: load average was {before:.1f} before the runs: other work shared the "
+            "cores, so the figures are noisy; compare proxy with baseline, or rerun"
+        )
     for name, profile in report["profiles"].items():
-        print(f"\nproxy hot spots, {name} (% of on-CPU samples, self):")
+        print(f"\nhot spots, {name} (% of on-CPU samples, self):")
         for frame, share in profile.get("self", [])[:12]:
             print(f"  {share:5.1f}%  {frame}")
         if "error" in profile:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,15 @@ def connect(state: ClusterState) -> None:
     Ray reads the token itself (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or
     ``~/.ray/auth_token``), but only looks for one when ``RAY_AUTH_MODE=token``.
     """
+    if state.auth_mode == "token" and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray" in sys.modules:
+            # Ray caches its config at import; re-read it so token mode takes effect.
+            from ray._raylet import Config
+
+            Config.initialize("")
     import ray
 
-    if state.auth_mode == "token":
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(
         address=state.ray_address,
         namespace=state.namespace,

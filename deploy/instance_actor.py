@@ -101,6 +101,7 @@ class InstanceSupervisor:
         self._node_ip = _node_ip()
         self._pid_file = Path(plan.run_dir) / "pids" / f"{plan.name}.pid"
         self._apply_accelerator_env()
+        _undo_worker_niceness()
         self._kill_leftover()
         self._start_worker()
         threading.Thread(target=self._watch, name=f"watch-{plan.name}", daemon=True).start()
@@ -290,6 +291,15 @@ def build_worker_spec(plan: InstancePlan, node_ip: str, visible_devices: str | N
         extra_args=tuple(plan.vllm_args),
         env=dict(plan.env),
     )
+
+
+def _undo_worker_niceness() -> None:
+    """Ray may start workers niced (``RAY_worker_niceness``, 15 by default); an engine
+    inheriting that starves next to any busy process. Lowering needs privileges; without
+    them the cluster should be started with ``RAY_worker_niceness=0``."""
+    with contextlib.suppress(OSError):
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
 
 
 def _node_ip() -> str:

@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     session = _Session(topology, directory, progress)
     try:
         session.start_ray()
+        # ray.init installs its own SIGTERM handler (which just dies); ours tears down first.
+        signal.signal(signal.SIGTERM, _terminate)
         session.start_controller()
         urls = session.start_proxy()
         session.start_instances()
@@ -185,6 +187,9 @@ class _Session:
                     logging_level=logging.ERROR,
                 )
             else:
+                # Ray runs its workers at nice 15; vLLM engines niced like that starve next to
+                # any other busy process on the node. The raylet reads this at start.
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 temp_dir = settings.temp_dir
                 ray.init(
                     num_cpus=settings.num_cpus or os.cpu_count(),

@@ -351,6 +351,15 @@ def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> int | N
     vLLM's engine-core children are in the same group, so none are orphaned.
     """
     pgid = proc.pid  # start_new_session made the server its group's leader
+    if proc.poll() is None and _own_group(proc.pid) is False:
+        # Not started by start_worker: signalling "its" group would miss it; signal it alone.
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return proc.returncode
     _signal_group(pgid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
@@ -365,6 +374,14 @@ def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> int | N
     if _group_alive(pgid):
         _signal_group(pgid, signal.SIGKILL)
     return proc.returncode
+
+
+def _own_group(pid: int) -> bool | None:
+    """Whether ``pid`` leads its own process group (None if it is gone)."""
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return None
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -213,16 +213,21 @@ def send_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> int:
 
 def recv_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> int:
     """Fill ``buffers`` in order straight from the socket (vectored reads, no copies)."""
-    pending = list(buffers)
+    # Skip empty buffers so a zero-byte read always means the peer closed.
+    pending = [b for b in buffers if b.nbytes]
     total = sum(b.nbytes for b in pending)
     got = 0
     i = 0
-    # Skip empty buffers so a zero-byte read always means the peer closed.
-    pending = [b for b in pending if b.nbytes]
     try:
         while i < len(pending):
             if len(pending) - i == 1:
-                recv_into_exact(sock, pending[i])
+                try:
+                    recv_into_exact(sock, pending[i])
+                except WireError as exc:
+                    raise WireError(
+                        f"block data cut short: {got} of {total} bytes arrived "
+                        f"before the last run failed: {exc}"
+                    ) from exc
                 got += pending[i].nbytes
                 break
             n = sock.recvmsg_into(pending[i : i + IOV_MAX])[0]

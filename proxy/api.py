@@ -59,7 +59,11 @@ class PublicAPI:
     async def _generate(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         started = asyncio.get_running_loop().time()
         request_id = request.headers.get("X-Request-Id")
-        if not request_id or len(request_id) > _MAX_REQUEST_ID_LENGTH:
+        if (
+            not request_id
+            or len(request_id) > _MAX_REQUEST_ID_LENGTH
+            or not request_id.isprintable()
+        ):
             request_id = os.urandom(16).hex()
         model: str | None = None
         try:
@@ -70,12 +74,12 @@ class PublicAPI:
         except ProxyError as exc:
             self._metrics.count_request(endpoint.value, model or "", exc.status, "")
             return error_response(exc, request_id)
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        headers = b"Content-Type: application/json\r\nX-Request-Id: %s\r\n" % request_id.encode()
         client_headers = request.headers
         for name in _FORWARDED_HEADERS:
             value = client_headers.get(name)
             if value is not None:
-                headers[name] = value
+                headers += b"%s: %s\r\n" % (name.encode(), value.encode("latin-1", "replace"))
         return await self._flow.run(request, req, request_id, headers, started)
 
     async def _read_body(self, request: web.Request) -> bytes:

@@ -11,13 +11,12 @@ import asyncio
 import contextlib
 import time
 
-import aiohttp
 import orjson
 
 from proxy.errors import ProxyError
 from proxy.instances import Role
 from proxy.registry import InstanceRegistry
-from proxy.upstream import UpstreamPool
+from proxy.upstream import UpstreamError, UpstreamPool
 
 CACHE_TTL_S = 10.0
 FETCH_TIMEOUT_S = 2.0
@@ -72,7 +71,7 @@ class ModelCatalog:
         for instance in self._registry.routable(Role.DECODE):
             try:
                 status, body = await self._pool.get(instance.url, "/v1/models", FETCH_TIMEOUT_S)
-            except (aiohttp.ClientError, TimeoutError, OSError):
+            except (UpstreamError, TimeoutError, OSError):
                 continue
             if status != 200:
                 continue

@@ -98,7 +98,10 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}") from None
     if document is None:
         document = {}
     if not isinstance(document, dict):

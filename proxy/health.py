@@ -13,13 +13,11 @@ import asyncio
 import contextlib
 import logging
 
-import aiohttp
-
 from proxy.config import HealthConfig
 from proxy.instances import Instance
 from proxy.metrics import ProxyMetrics
 from proxy.registry import InstanceRegistry
-from proxy.upstream import UpstreamPool
+from proxy.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +97,7 @@ class HealthChecker:
     async def _check(self, instance: Instance) -> None:
         try:
             status, _ = await self._pool.get(instance.url, "/health", self._config.timeout_s)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (UpstreamError, TimeoutError, OSError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._tracker.record_failure(instance, reason)
             return

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -28,7 +26,13 @@ from proxy.metrics import ProxyMetrics
 from proxy.registry import InstanceRegistry
 from proxy.request import ClientRequest, Endpoint
 from proxy.routing.base import RoutingPolicy, RoutingRequest
-from proxy.upstream import UpstreamPool
+from proxy.upstream import (
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 # Status recorded for a request whose client went away before the response ended.
 CLIENT_CLOSED_STATUS = 499
@@ -111,7 +115,7 @@ class PDFlow:
         http_request: web.Request,
         req: ClientRequest,
         request_id: str,
-        headers: Mapping[str, str],
+        headers: bytes,
         started: float,
     ) -> web.StreamResponse:
         """Serve the request; never raises except CancelledError (client disconnect)."""
@@ -158,7 +162,7 @@ class PDFlow:
         http_request: web.Request,
         req: ClientRequest,
         request_id: str,
-        headers: Mapping[str, str],
+        headers: bytes,
         started: float,
         path: RoutePath,
     ) -> tuple[web.StreamResponse, int, RoutePath]:
@@ -209,7 +213,7 @@ class PDFlow:
     # -- prefill leg --------------------------------------------------------------------
 
     async def _prefill_with_retry(
-        self, req: ClientRequest, routing: RoutingRequest, headers: Mapping[str, str]
+        self, req: ClientRequest, routing: RoutingRequest, headers: bytes
     ) -> dict[str, Any] | None:
         """kv_transfer_params from a prefill instance, trying a second one once.
 
@@ -238,7 +242,7 @@ class PDFlow:
         instance: Instance,
         endpoint: Endpoint,
         body: bytes,
-        headers: Mapping[str, str],
+        headers: bytes,
         routing: RoutingRequest,
     ) -> dict[str, Any] | ProxyError:
         loop = asyncio.get_running_loop()
@@ -250,23 +254,25 @@ class PDFlow:
         url = instance.url
         try:
             async with asyncio.timeout(self._timeouts.prefill_s):
-                upstream = await self._pool.post(url, endpoint.path, body, headers)
+                upstream = await self._pool.request(
+                    url, b"POST", endpoint.path_bytes, body, headers
+                )
                 try:
                     data = await upstream.read()
                 except BaseException:
                     upstream.close()
                     raise
-        except aiohttp.ConnectionTimeoutError:
+        except UpstreamConnectTimeout:
             self._timeout_counters["connect"].inc()
             self._health.record_failure(instance, "connect timeout")
             return ProxyError(
                 504, f"connecting to prefill instance {url} timed out "
                 f"after {self._timeouts.connect_s:g}s",
             )  # fmt: skip
-        except aiohttp.ClientConnectorError as exc:
+        except UpstreamConnectError as exc:
             self._health.record_failure(instance, str(exc))
-            return ProxyError(502, f"cannot connect to prefill instance {url}: {exc.os_error}")
-        except aiohttp.ClientError as exc:
+            return ProxyError(502, f"cannot connect to prefill instance {url}: {exc}")
+        except UpstreamError as exc:
             return ProxyError(502, f"prefill instance {url} failed: {_describe(exc)}")
         except TimeoutError:
             self._timeout_counters["prefill"].inc()
@@ -301,7 +307,7 @@ class PDFlow:
         req: ClientRequest,
         instance: Instance,
         body: bytes,
-        headers: Mapping[str, str],
+        headers: bytes,
         request_id: str,
         started: float,
         path: RoutePath,
@@ -315,10 +321,12 @@ class PDFlow:
         sent = loop.time()
         if prefilled_at is not None:
             metrics.stage_handoff.observe(sent - prefilled_at)
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(self._timeouts.first_byte_s) as deadline:
-                upstream = await self._pool.post(url, req.endpoint.path, body, headers)
+                upstream = await self._pool.request(
+                    url, b"POST", req.endpoint.path_bytes, body, headers
+                )
                 if not (req.stream and upstream.status == 200):
                     data = await upstream.read()
                     metrics.stage_decode_first_token.observe(loop.time() - sent)
@@ -328,30 +336,31 @@ class PDFlow:
                         status=upstream.status,
                         body=data,
                         headers={
-                            "Content-Type": upstream.headers.get(
-                                "Content-Type", "application/json"
-                            ),
+                            "Content-Type": upstream.content_type,
                             "X-Request-Id": request_id,
                         },
                     )
                     return response, upstream.status
-                content = upstream.content
-                chunk = await content.readany()
+                chunk = await upstream.next_chunk()
                 if not chunk:
                     raise ProxyError(502, f"decode instance {url} ended the stream without data")
                 now = loop.time()
                 metrics.stage_decode_first_token.observe(now - sent)
                 out = web.StreamResponse(
                     headers={
-                        "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+                        "Content-Type": upstream.content_type,
                         "Cache-Control": "no-cache",
                         "X-Request-Id": request_id,
                     }
                 )
                 stream.out = out
+                tail = b""
                 try:
                     await out.prepare(http_request)
-                    await out.write(chunk)
+                    if upstream.at_end:
+                        tail = chunk
+                    else:
+                        await out.write(chunk)
                 except ConnectionResetError:
                     raise ClientGone(out) from None
                 stream.last_chunk = chunk
@@ -359,39 +368,47 @@ class PDFlow:
                 metrics.ttft.labels(endpoint, model, path.value).observe(loop.time() - started)
                 itl = metrics.itl.labels(endpoint, model)
                 stall_s = self._timeouts.stall_s
+                # Re-arming the deadline costs a timer; doing it only once it has slid by
+                # a tenth of the budget keeps stall detection within 10 % of stall_s.
+                slack = stall_s / 10
+                armed = now
+                deadline.reschedule(now + stall_s)
                 last = now
-                while True:
-                    deadline.reschedule(now + stall_s)
-                    chunk = await content.readany()
+                while not upstream.at_end:
+                    chunk = await upstream.next_chunk()
                     if not chunk:
                         break
                     now = loop.time()
                     itl.observe(now - last)
                     last = now
+                    if now - armed > slack:
+                        deadline.reschedule(now + stall_s)
+                        armed = now
                     stream.last_chunk = chunk
+                    if upstream.at_end:
+                        tail = chunk  # goes out with the end-of-stream marker
+                        break
                     try:
                         await out.write(chunk)
                     except ConnectionResetError:
                         raise ClientGone(out) from None
             self._decode.policy.observe(instance, routing, loop.time() - sent)
             try:
-                await out.write_eof()
+                await out.write_eof(tail)
             except ConnectionResetError:
                 raise ClientGone(out) from None
             return out, 200
-        except aiohttp.ConnectionTimeoutError:
+        except UpstreamConnectTimeout:
             self._timeout_counters["connect"].inc()
             self._health.record_failure(instance, "connect timeout")
             raise ProxyError(
                 504, f"connecting to decode instance {url} timed out "
                 f"after {self._timeouts.connect_s:g}s",
             ) from None  # fmt: skip
-        except aiohttp.ClientConnectorError as exc:
+        except UpstreamConnectError as exc:
             self._health.record_failure(instance, str(exc))
-            raise ProxyError(
-                502, f"cannot connect to decode instance {url}: {exc.os_error}"
-            ) from None
-        except aiohttp.ClientError as exc:
+            raise ProxyError(502, f"cannot connect to decode instance {url}: {exc}") from None
+        except UpstreamError as exc:
             error = ProxyError(502, f"decode instance {url} failed: {_describe(exc)}")
             if stream.out is None:
                 raise error from None

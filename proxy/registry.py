@@ -95,6 +95,4 @@ class InstanceRegistry:
     def _refresh(self, role: Role) -> None:
         # A new list rather than an in-place edit: a request holding the old one
         # keeps a consistent view.
-        self._routable[role] = [
-            i for i in self._by_url.values() if i.role is role and i.routable
-        ]
+        self._routable[role] = [i for i in self._by_url.values() if i.role is role and i.routable]

@@ -25,6 +25,10 @@ class Endpoint(enum.Enum):
     def path(self) -> str:
         return "/v1/completions" if self is Endpoint.COMPLETIONS else "/v1/chat/completions"
 
+    @property
+    def path_bytes(self) -> bytes:
+        return b"/v1/completions" if self is Endpoint.COMPLETIONS else b"/v1/chat/completions"
+
 
 @dataclass(slots=True)
 class ClientRequest:

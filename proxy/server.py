@@ -62,9 +62,7 @@ class ProxyServer:
         self.registry.on_remove(self._forget)
         self._pool = UpstreamPool(config.upstream_keepalive_s, config.timeouts.connect_s)
         self._tracker = HealthTracker(self.registry, config.health, self.metrics)
-        self.health_checker = HealthChecker(
-            self.registry, self._pool, config.health, self._tracker
-        )
+        self.health_checker = HealthChecker(self.registry, self._pool, config.health, self._tracker)
         self._catalog = ModelCatalog(self.registry, self._pool)
         self._runners: list[web.AppRunner] = []
         self.port: int | None = None
@@ -75,7 +73,6 @@ class ProxyServer:
     async def start(self) -> None:
         if self._runners:
             raise RuntimeError("ProxyServer is already started")
-        await self._pool.start()
         try:
             await self._start_listeners()
         except BaseException:
@@ -90,7 +87,7 @@ class ProxyServer:
         for runner in runners:
             await runner.cleanup()
         await self._catalog.stop()
-        await self._pool.stop()
+        await self._pool.close()
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()

@@ -269,9 +269,13 @@ def _worker_argv(role: str, model: Path, port: int, core: int, kv_port: int | No
     return argv
 
 
-def _launch_worker(
-    launcher: ServerLauncher, role: str, model: Path, core: int
-) -> RunningServer:
+def _pdserve_command() -> list[str]:
+    """The installed ``pdserve`` script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "pdserve"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "deploy.cli"]
+
+
+def _launch_worker(launcher: ServerLauncher, role: str, model: Path, core: int) -> RunningServer:
     port = free_port()
     kv_port = free_port() if role == "prefill" else None
     return launcher.launch(
@@ -308,7 +312,9 @@ def real_aggregated(
 
 
 @pytest.fixture(scope="session")
-def real_prefill(server_launcher: ServerLauncher, _prefill_launched: RunningServer) -> RunningServer:
+def real_prefill(
+    server_launcher: ServerLauncher, _prefill_launched: RunningServer
+) -> RunningServer:
     """A prefill worker (KV producer) on core 0."""
     return server_launcher.wait_ready(_prefill_launched)
 
@@ -330,7 +336,7 @@ def real_proxy(
     """``pdserve proxy`` in front of ``real_prefill`` and ``real_decode`` (1P1D)."""
     port, admin_port = free_port(), free_port()
     argv = [
-        sys.executable, "-m", "deploy.cli", "proxy",
+        *_pdserve_command(), "proxy",
         "--prefill", real_prefill.url,
         "--decode", real_decode.url,
         "--port", str(port),

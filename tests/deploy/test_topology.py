@@ -65,15 +65,24 @@ def test_embedded_default_is_1p1d_on_cpu() -> None:
 @pytest.mark.parametrize(
     ("data", "field"),
     [
-        ({"prefill": {"replicas": 1, "port": 8100, "kv_port": 15100, "replica": 2}}, "prefill.replica"),
+        (
+            {"prefill": {"replicas": 1, "port": 8100, "kv_port": 15100, "replica": 2}},
+            "prefill.replica",
+        ),
         ({"decod": {}}, "decod"),
         ({"proxy": {"admin": {"prot": 1}}}, "proxy.admin.prot"),
-        ({"prefill": {"port": 8100, "kv_port": 15100, "resources": {"cpus": 0}}}, "prefill.resources.cpus"),
+        (
+            {"prefill": {"port": 8100, "kv_port": 15100, "resources": {"cpus": 0}}},
+            "prefill.resources.cpus",
+        ),
         ({"decode": {"port": 8200, "replicas": -1}}, "decode.replicas"),
         ({"decode": {"port": 8200, "replicas": 9}}, "decode"),
         ({"proxy": {"port": 8100}}, "prefill.port"),
         ({"decode": {"port": 8105}}, "decode.port"),
-        ({"prefill": {"port": 8100, "kv_port": 15100, "resources": {"gpus": 1}}}, "prefill.resources"),
+        (
+            {"prefill": {"port": 8100, "kv_port": 15100, "resources": {"gpus": 1}}},
+            "prefill.resources",
+        ),
         ({"accelerator": "gpu"}, "prefill.resources.gpus"),
         ({"accelerator": "tpu"}, "accelerator"),
         ({"proxy": {"prefill": ["http://127.0.0.1:9"]}}, "proxy.prefill"),

@@ -24,4 +24,6 @@ def prefill_releases_all_blocks(request: pytest.FixtureRequest) -> Iterator[None
         time.sleep(0.25)
         held = prefill.metric(BLOCKS_HELD)
     assert held is not None, f"the prefill worker's /metrics has no {BLOCKS_HELD}"
-    assert held == 0, f"prefill still holds {held:.0f} KV blocks {RELEASE_TIMEOUT_S:.0f} s after the test"
+    assert held == 0, (
+        f"prefill still holds {held:.0f} KV blocks {RELEASE_TIMEOUT_S:.0f} s after the test"
+    )

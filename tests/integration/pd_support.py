@@ -14,14 +14,15 @@ import openai
 
 # Words the prompts are drawn from. Prompts of different tests use different random orders,
 # so no two tests share a first KV block (each test sees cold caches on P and D).
-WORDS = (
-    "river mountain orange window quiet engine garden silver market thunder pencil harbor "
-    "violet lantern meadow copper whisper castle rocket velvet island marble falcon ember "
-    "canyon glacier meadow puzzle saddle tunnel walnut zephyr breeze cobalt dragon forest "
-    "granite hollow jungle kettle lemon mirror nectar oyster pepper quartz ribbon signal "
-    "timber umbrella valley wagon yonder zenith anchor basket candle desert feather goblet "
-    "hammer igloo jacket kernel ladder magnet needle orchard parrot quiver rattle sparrow"
-).split()
+_WORD_TEXT = """
+river mountain orange window quiet engine garden silver market thunder pencil harbor violet
+lantern meadow copper whisper castle rocket velvet island marble falcon ember canyon glacier
+puzzle saddle tunnel walnut zephyr breeze cobalt dragon forest granite hollow jungle kettle
+lemon mirror nectar oyster pepper quartz ribbon signal timber umbrella valley wagon yonder
+zenith anchor basket candle desert feather goblet hammer igloo jacket kernel ladder magnet
+needle orchard parrot quiver rattle sparrow
+"""
+WORDS = tuple(_WORD_TEXT.split())
 FILLERS = (".", ",", "s", " a", " I", "e", ";", " o", "!", " x")
 
 
@@ -94,7 +95,9 @@ def _request_args(max_tokens: int) -> dict[str, Any]:
     }
 
 
-def complete(base_url: str, prompt: str, *, max_tokens: int = 16, stream: bool = False) -> Generation:
+def complete(
+    base_url: str, prompt: str, *, max_tokens: int = 16, stream: bool = False
+) -> Generation:
     api = client(base_url)
     if not stream:
         response = api.completions.create(prompt=prompt, **_request_args(max_tokens))

@@ -125,7 +125,7 @@ def test_panels_fit_the_grid_without_overlap(name: str) -> None:
     cells: set[tuple[int, int]] = set()
     for panel in ALL[name]["panels"]:
         pos = panel["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, panel["title"]
         for x in range(pos["x"], pos["x"] + pos["w"]):
             for y in range(pos["y"], pos["y"] + pos["h"]):
                 assert (x, y) not in cells, f"{name}: {panel['title']!r} overlaps"
@@ -156,7 +156,10 @@ def test_queries_name_only_contract_vllm_and_recording_metrics() -> None:
 
 def test_every_contract_metric_is_on_some_dashboard() -> None:
     used = {
-        family_name(m) for d in ALL.values() for _, expr in panel_targets(d) for m in metric_names(expr)
+        family_name(m)
+        for d in ALL.values()
+        for _, expr in panel_targets(d)
+        for m in metric_names(expr)
     }
     assert CONTRACT_METRICS - used == set()
 

@@ -21,7 +21,10 @@ def test_writes_one_group_per_job_with_role_labels(tmp_path: Path) -> None:
         path,
     )
     assert json.loads(path.read_text()) == [
-        {"targets": ["10.0.0.3:8200"], "labels": {"job": "pdserve-decode", "pdserve_role": "decode"}},
+        {
+            "targets": ["10.0.0.3:8200"],
+            "labels": {"job": "pdserve-decode", "pdserve_role": "decode"},
+        },
         {
             "targets": ["10.0.0.1:8100", "10.0.0.2:8101"],
             "labels": {"job": "pdserve-prefill", "pdserve_role": "prefill"},
@@ -37,7 +40,10 @@ def test_bare_roles_and_https_and_ipv6() -> None:
         {"prefill": ["https://p0.example:8443", "[::1]:8100"], "decode": [], "proxy": ()}
     )
     assert groups == [
-        {"targets": ["[::1]:8100"], "labels": {"job": "pdserve-prefill", "pdserve_role": "prefill"}},
+        {
+            "targets": ["[::1]:8100"],
+            "labels": {"job": "pdserve-prefill", "pdserve_role": "prefill"},
+        },
         {
             "targets": ["p0.example:8443"],
             "labels": {"job": "pdserve-prefill", "pdserve_role": "prefill", "__scheme__": "https"},

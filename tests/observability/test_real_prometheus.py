@@ -6,19 +6,22 @@ with targets written by deploy.prometheus_sd.write_file_sd, as the launcher does
 
 * ``fake``: the real proxy in front of benchmarks/fake_worker.py workers (seconds to
   start; only the proxy has /metrics, so only the overview dashboard is checked).
-* ``vllm``: the real proxy in front of real vLLM prefill and decode engines with the KV
-  connector; every dashboard is checked.
+* ``vllm``: the real proxy in front of the session's real vLLM prefill and decode engines
+  (tests/conftest.py ``real_prefill``/``real_decode``, with the KV connector); every
+  dashboard is checked.
 
 For each: every dashboard panel's PromQL returns data (range query over the load,
 template variables substituted as Grafana does, once with "All" and once with one
 value picked), every metric a query names is known to Prometheus, every rule evaluates
 with health "ok", and PdserveNoHealthyPrefillInstance fires once the prefill instance
-is stopped (the rules are loaded with ``for: 2s``).
+is stopped (the rules are loaded with ``for: 2s``): the fake prefill is killed, the
+shared vLLM prefill is frozen with SIGSTOP and thawed afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -66,7 +69,7 @@ class Deployment:
     decode_urls: list[str]
     model: str
     workers_have_metrics: bool
-    stop_prefill: Callable[[], None]
+    stop_prefill: Callable[[], object]
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
@@ -104,7 +107,9 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], log: P
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited {proc.returncode}: {log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"{url}: process exited {proc.returncode}: {log.read_text()[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -145,7 +150,7 @@ def _start_proxy(workdir: Path, prefill: list[str], decode: list[str]) -> tuple[
     log = workdir / "proxy.log"
     proc = _start([sys.executable, "-c", PROXY_MAIN, "--config", str(config_path)], log)
     url = f"http://127.0.0.1:{port}"
-    _wait_http(f"{url}/metrics", 30, proc, log)
+    _wait_http(f"{url}/metrics", 90, proc, log)
     return url, proc
 
 
@@ -162,7 +167,7 @@ def fake_deployment(workdir: Path) -> Iterator[Deployment]:
             proc = _start(argv, log)
             procs.append(proc)
             urls[role] = f"http://127.0.0.1:{port}"
-            _wait_http(f"{urls[role]}/health", 30, proc, log)
+            _wait_http(f"{urls[role]}/health", 90, proc, log)
         proxy_url, proxy = _start_proxy(workdir, [urls["prefill"]], [urls["decode"]])
         procs.append(proxy)
         yield Deployment(
@@ -180,46 +185,55 @@ def fake_deployment(workdir: Path) -> Iterator[Deployment]:
             _stop(proc)
 
 
-@contextlib.contextmanager
-def vllm_deployment(workdir: Path) -> Iterator[Deployment]:
-    from deploy.tiny_model import make_tiny_model
-    from deploy.worker_launch import WorkerSpec, start_worker, stop_worker, wait_until_ready
+def _signal_server(server: Any, signum: int) -> None:
+    """Signal a tests/conftest.py RunningServer: its command and the vLLM server group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(server.proc.pid, signum)
+    group = server.server_group()
+    if group is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signum)
 
-    model = make_tiny_model(workdir / "tiny-model")
-    specs = [
-        WorkerSpec(
-            role=role,  # type: ignore[arg-type]
-            model=model,
-            api_port=free_port(),
-            kv_port=free_port(),
-            cpu_core=core,
-            kv_cache_gib=1,
-            secret="observability-test",
-        )
-        for role, core in (("prefill", 0), ("decode", 1))
-    ]
-    workers: list[subprocess.Popen[bytes]] = []
-    proxy = None
+
+@contextlib.contextmanager
+def vllm_deployment(workdir: Path, prefill: Any, decode: Any) -> Iterator[Deployment]:
+    """The session's real engines (tests/conftest.py) behind a proxy of our own, whose health
+    checks are fast enough for the alert to fire within seconds.
+
+    The engines are shared with the rest of the session, so "stopping" the prefill instance
+    freezes it (SIGSTOP: health checks and scrapes time out, as for a hung host) and the
+    teardown thaws it and waits until it answers again."""
+    proxy_url, proxy = _start_proxy(workdir, [prefill.url], [decode.url])
+    frozen = False
+
+    def freeze_prefill() -> None:
+        nonlocal frozen
+        frozen = True
+        _signal_server(prefill, signal.SIGSTOP)
+
     try:
-        for spec in specs:
-            workers.append(start_worker(spec, workdir / f"{spec.role}.log"))
-        for spec, proc in zip(specs, workers, strict=True):
-            wait_until_ready(spec.url, 300, proc=proc, log_path=workdir / f"{spec.role}.log")
-        proxy_url, proxy = _start_proxy(workdir, [specs[0].url], [specs[1].url])
         yield Deployment(
             name="vllm",
             proxy_url=proxy_url,
-            prefill_urls=[specs[0].url],
-            decode_urls=[specs[1].url],
-            model=specs[0].resolved_model_name,
+            prefill_urls=[prefill.url],
+            decode_urls=[decode.url],
+            model=_served_model(decode.url),
             workers_have_metrics=True,
-            stop_prefill=lambda: stop_worker(workers[0]),
+            stop_prefill=freeze_prefill,
         )
     finally:
-        if proxy is not None:
-            _stop(proxy)
-        for proc in workers:
-            stop_worker(proc)
+        _stop(proxy)
+        if frozen:
+            _signal_server(prefill, signal.SIGCONT)
+            _wait_http(f"{prefill.url}/health", 60, prefill.proc, prefill.log_path)
+            # A session-wide proxy ejected the frozen instance too; let it readmit it
+            # (2 passed checks at its 2 s default interval) before other tests run.
+            time.sleep(6)
+
+
+def _served_model(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
+        return str(json.loads(response.read())["data"][0]["id"])
 
 
 def _prometheus_config(workdir: Path) -> dict[str, Any]:
@@ -281,7 +295,7 @@ def scraped(deployment: Deployment, workdir: Path, requests: int) -> Iterator[Sc
     prom.start()
     try:
         expected = sum(len(v) for v in targets.values())
-        prom.wait_for(f"count(up == 1) == {expected}", 30, "every target scraped")
+        prom.wait_for(f"count(up == 1) == {expected}", 90, "every target scraped")
         start = time.time()
         _send_load(deployment, requests)
         time.sleep(4 * SCRAPE_S)  # the last scrapes after the load
@@ -290,17 +304,22 @@ def scraped(deployment: Deployment, workdir: Path, requests: int) -> Iterator[Sc
         prom.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def fake_scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
     workdir = tmp_path_factory.mktemp("obs-fake")
     with fake_deployment(workdir) as deployment, scraped(deployment, workdir, 24) as s:
         yield s
 
 
-@pytest.fixture(scope="module")
-def vllm_scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
+@pytest.fixture(scope="class")
+def vllm_scraped(
+    tmp_path_factory: pytest.TempPathFactory, real_prefill: Any, real_decode: Any
+) -> Iterator[Scraped]:
     workdir = tmp_path_factory.mktemp("obs-vllm")
-    with vllm_deployment(workdir) as deployment, scraped(deployment, workdir, 18) as s:
+    with (
+        vllm_deployment(workdir, real_prefill, real_decode) as deployment,
+        scraped(deployment, workdir, 18) as s,
+    ):
         yield s
 
 
@@ -372,7 +391,9 @@ def check_rules_healthy(s: Scraped) -> None:
         if rules and not bad:
             break
         if time.monotonic() > deadline:
-            raise AssertionError(f"rules not healthy: {[(r['name'], r.get('lastError')) for r in bad]}")
+            raise AssertionError(
+                f"rules not healthy: {[(r['name'], r.get('lastError')) for r in bad]}"
+            )
         time.sleep(1)
     shipped = set()
     for path in sorted((PROMETHEUS_DIR / "rules").glob("*.yml")):
@@ -413,27 +434,30 @@ def check_prefill_alert_fires(s: Scraped) -> None:
 FAKE_DASHBOARDS = ["pdserve-overview.json"]
 
 
-def test_fake_targets_carry_role_labels(fake_scraped: Scraped) -> None:
-    up = fake_scraped.prometheus.query("up")
-    assert [(x["metric"]["job"], x["metric"]["pdserve_role"]) for x in up] == [
-        ("pdserve-proxy", "proxy")
-    ]
-    per_instance = fake_scraped.prometheus.query("pdserve_instance_healthy")
-    exported = {x["metric"]["exported_instance"] for x in per_instance}
-    assert exported == {*fake_scraped.deployment.prefill_urls, *fake_scraped.deployment.decode_urls}
+class TestFakeWorkers:
+    """Real proxy and Prometheus, fake workers: seconds."""
 
+    def test_fake_targets_carry_role_labels(self, fake_scraped: Scraped) -> None:
+        up = fake_scraped.prometheus.query("up")
+        assert [(x["metric"]["job"], x["metric"]["pdserve_role"]) for x in up] == [
+            ("pdserve-proxy", "proxy")
+        ]
+        per_instance = fake_scraped.prometheus.query("pdserve_instance_healthy")
+        exported = {x["metric"]["exported_instance"] for x in per_instance}
+        assert exported == {
+            *fake_scraped.deployment.prefill_urls,
+            *fake_scraped.deployment.decode_urls,
+        }
 
-def test_fake_overview_panels_return_data(fake_scraped: Scraped) -> None:
-    assert check_panels(fake_scraped, FAKE_DASHBOARDS) > 20
-    check_metrics_known(fake_scraped, FAKE_DASHBOARDS)
+    def test_fake_overview_panels_return_data(self, fake_scraped: Scraped) -> None:
+        assert check_panels(fake_scraped, FAKE_DASHBOARDS) > 20
+        check_metrics_known(fake_scraped, FAKE_DASHBOARDS)
 
+    def test_fake_rules_evaluate(self, fake_scraped: Scraped) -> None:
+        check_rules_healthy(fake_scraped)
 
-def test_fake_rules_evaluate(fake_scraped: Scraped) -> None:
-    check_rules_healthy(fake_scraped)
-
-
-def test_fake_prefill_alert_fires_when_prefill_stops(fake_scraped: Scraped) -> None:
-    check_prefill_alert_fires(fake_scraped)
+    def test_fake_prefill_alert_fires_when_prefill_stops(self, fake_scraped: Scraped) -> None:
+        check_prefill_alert_fires(fake_scraped)
 
 
 # --- real vLLM engines ------------------------------------------------------------------
@@ -441,34 +465,34 @@ def test_fake_prefill_alert_fires_when_prefill_stops(fake_scraped: Scraped) -> N
 ALL_DASHBOARDS = sorted(dashboards())
 
 
-@pytest.mark.timeout(900)
-def test_vllm_targets_carry_role_labels(vllm_scraped: Scraped) -> None:
-    up = vllm_scraped.prometheus.query("up")
-    roles = sorted((x["metric"]["job"], x["metric"]["pdserve_role"]) for x in up)
-    assert roles == [
-        ("pdserve-decode", "decode"),
-        ("pdserve-prefill", "prefill"),
-        ("pdserve-proxy", "proxy"),
-    ]
-    assert all(float(x["value"][1]) == 1.0 for x in up)
+class TestVllmEngines:
+    """Real proxy, Prometheus and vLLM engines."""
 
+    @pytest.mark.timeout(900)
+    def test_vllm_targets_carry_role_labels(self, vllm_scraped: Scraped) -> None:
+        up = vllm_scraped.prometheus.query("up")
+        roles = sorted((x["metric"]["job"], x["metric"]["pdserve_role"]) for x in up)
+        assert roles == [
+            ("pdserve-decode", "decode"),
+            ("pdserve-prefill", "prefill"),
+            ("pdserve-proxy", "proxy"),
+        ]
+        assert all(float(x["value"][1]) == 1.0 for x in up)
 
-@pytest.mark.timeout(300)
-def test_vllm_every_dashboard_panel_returns_data(vllm_scraped: Scraped) -> None:
-    assert check_panels(vllm_scraped, ALL_DASHBOARDS) > 100
-    check_metrics_known(vllm_scraped, ALL_DASHBOARDS)
+    @pytest.mark.timeout(300)
+    def test_vllm_every_dashboard_panel_returns_data(self, vllm_scraped: Scraped) -> None:
+        assert check_panels(vllm_scraped, ALL_DASHBOARDS) > 100
+        check_metrics_known(vllm_scraped, ALL_DASHBOARDS)
 
+    def test_vllm_rules_evaluate(self, vllm_scraped: Scraped) -> None:
+        check_rules_healthy(vllm_scraped)
 
-def test_vllm_rules_evaluate(vllm_scraped: Scraped) -> None:
-    check_rules_healthy(vllm_scraped)
-
-
-@pytest.mark.timeout(180)
-def test_vllm_prefill_alert_fires_when_prefill_stops(vllm_scraped: Scraped) -> None:
-    check_prefill_alert_fires(vllm_scraped)
-    # Prometheus's own view agrees: the prefill target is down.
-    vllm_scraped.prometheus.wait_for(
-        'ALERTS{alertname="PdserveTargetDown", pdserve_role="prefill", alertstate="firing"}',
-        30,
-        "PdserveTargetDown for the prefill target",
-    )
+    @pytest.mark.timeout(180)
+    def test_vllm_prefill_alert_fires_when_prefill_stops(self, vllm_scraped: Scraped) -> None:
+        check_prefill_alert_fires(vllm_scraped)
+        # Prometheus's own view agrees: the prefill target is down.
+        vllm_scraped.prometheus.wait_for(
+            'ALERTS{alertname="PdserveTargetDown", pdserve_role="prefill", alertstate="firing"}',
+            30,
+            "PdserveTargetDown for the prefill target",
+        )

@@ -76,6 +76,11 @@ def test_alert_rules_unit_tests() -> None:
 
 
 def test_slo_undefined_alert_fires_without_the_slo_file(tmp_path: Path) -> None:
+    labels = {"severity": "warning"}
+    notes = {
+        "summary": "pdserve:slo_ttft_p99_seconds is not defined",
+        "description": "Load rules/pdserve-slo.yml next to pdserve-alerts.yml.",
+    }
     test_file = tmp_path / "slo_missing_test.yml"
     test_file.write_text(
         yaml.safe_dump(
@@ -90,16 +95,7 @@ def test_slo_undefined_alert_fires_without_the_slo_file(tmp_path: Path) -> None:
                             {
                                 "eval_time": "11m",
                                 "alertname": "PdserveSLOUndefined",
-                                "exp_alerts": [
-                                    {
-                                        "exp_labels": {"severity": "warning"},
-                                        "exp_annotations": {
-                                            "summary": "pdserve:slo_ttft_p99_seconds is not defined",
-                                            "description": "Load rules/pdserve-slo.yml next to "
-                                            "pdserve-alerts.yml.",
-                                        },
-                                    }
-                                ],
+                                "exp_alerts": [{"exp_labels": labels, "exp_annotations": notes}],
                             }
                         ],
                     }

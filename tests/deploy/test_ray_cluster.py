@@ -1,0 +1,450 @@
+"""`pdserve up` end to end on a real local Ray cluster with real vLLM CPU workers.
+
+One cluster serves the whole module (engine starts cost tens of seconds each): the tests
+run in file order: serve, survive a worker crash, scale under load, then `pdserve down`.
+At most three engines are alive at once (2P1D). Ports are in the 18xxx-19xxx range and
+Ray gets its own temp dir and namespace, so other sessions on the machine are unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+PDSERVE = str(Path(sys.executable).with_name("pdserve"))
+READY_TIMEOUT_S = 900.0
+MODEL = "tiny-llama"
+
+
+def _ports_free(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def _pick_ports() -> dict[str, int]:
+    for _ in range(100):
+        base = random.randrange(18000, 19700, 10)
+        ports = {
+            "proxy": base,
+            "admin": base + 1,
+            "prefill": base + 2,
+            "kv": base + 4,
+            "decode": base + 6,
+        }
+        if _ports_free(
+            [base, base + 1, base + 2, base + 3, base + 4, base + 5, base + 6, base + 7]
+        ):
+            return ports
+    raise RuntimeError("no free 18xxx port block")
+
+
+@dataclass
+class Cluster:
+    up: subprocess.Popen[str]
+    state_dir: Path
+    ray_temp_dir: Path
+    ports: dict[str, int]
+    started_at: float
+    ready_at: float
+    lines: list[str] = field(default_factory=list)
+    # pid -> Process: psutil compares create times, so a reused pid is never mistaken.
+    seen: dict[int, psutil.Process] = field(default_factory=dict)
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.ports['proxy']}/v1"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.ports['admin']}"
+
+    def client(self, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.api, api_key="unused", max_retries=0, **kwargs)
+
+    def pdserve(self, *args: str, timeout_s: float = 600.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PDSERVE, *args, "--state-dir", str(self.state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+
+    def admin_instances(self) -> dict[str, dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.admin}/admin/instances", timeout=5) as response:
+            return {e["url"]: e for e in json.load(response)["instances"]}
+
+    def status(self) -> list[dict[str, Any]]:
+        result = self.pdserve("status", "--json", timeout_s=120)
+        assert result.returncode == 0, result.stderr
+        rows: list[dict[str, Any]] = json.loads(result.stdout)
+        return rows
+
+    def worker_pid(self, name: str) -> int:
+        return int((self.state_dir / "pids" / f"{name}.pid").read_text())
+
+    def metric_sum(self, name: str, **labels: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.ports['proxy']}/metrics", timeout=5
+        ) as r:
+            text = r.read().decode()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    total += sample.value
+        return total
+
+    def remember_processes(self) -> None:
+        """Every process `up` started (Ray, actors, vLLM): all must be gone after `down`."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.up.pid).children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        for pid_file in (self.state_dir / "pids").glob("*.pid"):
+            with contextlib.suppress(ValueError, psutil.NoSuchProcess):
+                worker = psutil.Process(int(pid_file.read_text()))
+                for process in [worker, *worker.children(recursive=True)]:
+                    self.seen.setdefault(process.pid, process)
+
+
+def _write_topology(directory: Path, ports: dict[str, int], ray_temp_dir: Path) -> Path:
+    topology = {
+        # null model: the tiny model is generated into tiny_model_dir on first `up`.
+        "tiny_model_dir": str(directory / "tiny-llama"),
+        "served_model_name": MODEL,
+        "prefill": {
+            "replicas": 1,
+            "max_replicas": 2,
+            "port": ports["prefill"],
+            "kv_port": ports["kv"],
+            "resources": {"cpus": 0.5, "cpu_cores": [0, 1]},
+            "kv_cache_gib": 1,
+        },
+        "decode": {
+            "replicas": 1,
+            "max_replicas": 2,
+            "port": ports["decode"],
+            "resources": {"cpus": 0.5, "cpu_cores": [1]},
+            "kv_cache_gib": 1,
+        },
+        "proxy": {
+            "port": ports["proxy"],
+            "admin": {"port": ports["admin"]},
+            "health": {
+                "interval_s": 0.5,
+                "timeout_s": 2.0,
+                "failures_to_eject": 2,
+                "successes_to_readmit": 1,
+            },
+        },
+        "ray": {
+            "namespace": f"pdserve-test-{os.getpid()}",
+            "temp_dir": str(ray_temp_dir),
+            "num_cpus": 2,
+        },
+        "controller": {"reconcile_interval_s": 0.5, "restart_backoff_s": 0.5},
+    }
+    path = directory / "topology.yaml"
+    path.write_text(yaml.safe_dump(topology))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    directory = tmp_path_factory.mktemp("pdserve-up")
+    # Ray's socket paths live under its temp dir and must stay short (108 bytes).
+    ray_temp_dir = Path(tempfile.mkdtemp(prefix="pdr-", dir="/tmp"))
+    ports = _pick_ports()
+    topology = _write_topology(directory, ports, ray_temp_dir)
+    state_dir = directory / "state"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    started = time.monotonic()
+    up = subprocess.Popen(
+        [PDSERVE, "up", "-c", str(topology), "--state-dir", str(state_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.append(line.rstrip())
+            if "] ready " in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready.wait(1.0):
+        if up.poll() is not None or time.monotonic() > deadline:
+            up.kill()
+            pytest.fail("pdserve up did not become ready:\n" + "\n".join(lines[-40:]))
+    handle = Cluster(up, state_dir, ray_temp_dir, ports, started, time.monotonic(), lines)
+    handle.remember_processes()
+    try:
+        yield handle
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                up.kill()
+        for process in handle.seen.values():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if process.is_running():
+                    process.kill()
+        shutil.rmtree(ray_temp_dir, ignore_errors=True)
+
+
+def _complete(client: openai.OpenAI, prompt: str = "The capital of France is", **kw: Any) -> str:
+    result = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=8, temperature=0, **kw
+    )
+    return result.choices[0].text
+
+
+def test_up_prints_stages_and_answers_openai_requests(cluster: Cluster) -> None:
+    stages = [line.split("]", 1)[1].split()[0] for line in cluster.lines if line.startswith("[")]
+    for stage in (
+        "topology",
+        "model",
+        "ray",
+        "controller",
+        "proxy",
+        "prefill-0",
+        "decode-0",
+        "ready",
+    ):
+        assert stage in stages, cluster.lines
+    assert any("created tiny model" in line for line in cluster.lines)
+    ready_line = next(line for line in cluster.lines if "] ready " in line)
+    assert cluster.api in ready_line and f"{cluster.ports['proxy']}/metrics" in ready_line
+
+    client = cluster.client(timeout=120)
+    before = cluster.metric_sum("pdserve_requests_total", path="disaggregated")
+    text = _complete(client)
+    first_answer_s = time.monotonic() - cluster.started_at
+    assert isinstance(text, str) and text
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Count to five."}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+        )
+    )
+    assert chunks and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    stream_text = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+        )
+    )
+    assert stream_text == text  # greedy: streaming and not agree
+    # The proxy sent them through prefill then decode, and learned both from the controller.
+    assert cluster.metric_sum("pdserve_requests_total", path="disaggregated") >= before + 3
+    ready_s = cluster.ready_at - cluster.started_at
+    print(f"\nup -> ready {ready_s:.1f} s, first answer {first_answer_s:.1f} s")
+
+    rows = {row["name"]: row for row in cluster.status()}
+    assert set(rows) == {"prefill-0", "decode-0"}
+    assert rows["prefill-0"]["role"] == "prefill" and rows["decode-0"]["role"] == "decode"
+    assert all(row["health"] == "healthy" for row in rows.values()), rows
+    assert rows["prefill-0"]["address"] == f"http://127.0.0.1:{cluster.ports['prefill']}"
+    assert all(row["in_flight"] == 0 for row in rows.values())
+    table = cluster.pdserve("status", timeout_s=120)
+    assert table.returncode == 0 and "KV-BLOCKS" in table.stdout and "prefill-0" in table.stdout
+
+
+def test_killed_worker_is_restarted_and_readmitted(cluster: Cluster) -> None:
+    client = cluster.client(timeout=60)
+    prefill_url = f"http://127.0.0.1:{cluster.ports['prefill']}"
+    old_pid = cluster.worker_pid("prefill-0")
+    os.kill(old_pid, signal.SIGKILL)  # the vLLM server dies as if it crashed
+    outcomes: list[str] = []
+    deadline = time.monotonic() + 600
+    readmitted = False
+    while time.monotonic() < deadline:
+        try:
+            _complete(client)
+            outcomes.append("ok")
+        except openai.APIStatusError as exc:  # a clean HTTP error from the proxy
+            outcomes.append(f"http {exc.status_code}")
+            assert exc.status_code in (502, 503, 504), exc
+        cluster.remember_processes()
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if cluster.worker_pid("prefill-0") != old_pid:
+                entry = cluster.admin_instances().get(prefill_url)
+                if entry is not None and entry["healthy"]:
+                    readmitted = True
+                    break
+        time.sleep(0.5)
+    assert readmitted, f"prefill-0 not back in the proxy; outcomes {outcomes}"
+    # No connection errors or hangs reached the client while the worker was down.
+    assert outcomes, "no request was tried during the restart"
+    rows = {row["name"]: row for row in cluster.status()}
+    assert rows["prefill-0"]["restarts"] >= 1
+    assert rows["prefill-0"]["health"] == "healthy"
+    before = cluster.metric_sum("pdserve_requests_total", path="disaggregated")
+    _complete(client)
+    assert cluster.metric_sum("pdserve_requests_total", path="disaggregated") == before + 1
+
+
+class _Load:
+    """Two client threads sending requests (streaming and not) until stopped."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+        self._stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(2)
+        ]
+
+    def __enter__(self) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=180)
+
+    def _run(self, index: int) -> None:
+        client = self._cluster.client(timeout=180)
+        while not self._stop.is_set():
+            try:
+                if index == 0:
+                    _complete(client, prompt=f"Request {self.ok}: once upon a time")
+                else:
+                    chunks = client.completions.create(
+                        model=MODEL,
+                        prompt="Stream: hello",
+                        max_tokens=8,
+                        temperature=0,
+                        stream=True,
+                    )
+                    assert "".join(c.choices[0].text for c in chunks) is not None
+                self.ok += 1
+            except Exception as exc:
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+
+
+def test_scale_up_and_down_under_load_fails_no_request(cluster: Cluster) -> None:
+    prefill_1 = f"http://127.0.0.1:{cluster.ports['prefill'] + 1}"
+    with _Load(cluster) as load:
+        grow = cluster.pdserve("scale", "--prefill", "2", timeout_s=900)
+        assert grow.returncode == 0, grow.stderr
+        assert "added prefill-1" in grow.stdout
+        cluster.remember_processes()
+        rows = {row["name"]: row for row in cluster.status()}
+        assert set(rows) == {"prefill-0", "prefill-1", "decode-0"}
+        assert prefill_1 in cluster.admin_instances()
+        served_before = load.ok
+        time.sleep(5)
+        shrink = cluster.pdserve("scale", "--prefill", "1", timeout_s=900)
+        assert shrink.returncode == 0, shrink.stderr
+        assert "removed prefill-1" in shrink.stdout
+        time.sleep(3)
+    assert not load.failures, load.failures[:5]
+    assert load.ok > served_before > 0
+    assert prefill_1 not in cluster.admin_instances()
+    assert {row["name"] for row in cluster.status()} == {"prefill-0", "decode-0"}
+    # The retired worker's processes are gone.
+    with pytest.raises(FileNotFoundError):
+        cluster.worker_pid("prefill-1")
+    assert _ports_free([cluster.ports["prefill"] + 1, cluster.ports["kv"] + 1])
+
+
+def test_scale_beyond_resources_fails_cleanly(cluster: Cluster) -> None:
+    result = cluster.pdserve("scale", "--decode", "2", "--prefill", "3", timeout_s=300)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "max_replicas" in result.stderr
+
+
+def test_down_leaves_no_process_behind(cluster: Cluster) -> None:
+    cluster.remember_processes()
+    assert cluster.seen
+    result = cluster.pdserve("down", timeout_s=300)
+    assert result.returncode == 0, result.stderr
+    assert cluster.up.wait(timeout=60) == 0
+    assert any("] stopped " in line for line in cluster.lines)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = [p for p in cluster.seen.values() if _alive(p)]
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert not alive, [_describe(p) for p in alive]
+    ours = [
+        p.info
+        for p in psutil.process_iter(["pid", "name", "cmdline"])
+        if _mentions(p.info.get("cmdline") or [], cluster)
+    ]
+    assert not ours, ours
+    assert not (cluster.state_dir / "cluster.json").exists()
+    assert _ports_free([cluster.ports[k] for k in ("proxy", "admin", "prefill", "kv", "decode")])
+
+
+def _mentions(cmdline: list[str], cluster: Cluster) -> bool:
+    text = " ".join(cmdline)
+    ports = {str(cluster.ports[k] + i) for k in ("prefill", "decode") for i in (0, 1)}
+    is_worker = "vllm" in text and any(f"--port {p}" in text for p in ports)
+    is_ray = str(cluster.ray_temp_dir) in text and any(
+        name in text for name in ("raylet", "gcs_server", "dashboard", "log_monitor", "ray")
+    )
+    return is_worker or is_ray
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {' '.join(process.cmdline())[:120]}"
+    except psutil.NoSuchProcess:
+        return f"{process.pid} (gone)"

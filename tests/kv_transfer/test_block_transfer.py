@@ -1,0 +1,201 @@
+"""Block server + client over real TCP, into torch tensors laid out like vLLM's CPU cache."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import torch
+from kv_helpers import SECRET, blocks_equal, fingerprint_for, running_server, vllm_like_cpu_cache
+
+from kv_transfer import wire
+from kv_transfer.device import KVCacheAccess, block_runs
+
+
+def far_future() -> float:
+    return time.time() + 60.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pull_is_byte_exact_into_scattered_local_blocks(dtype: torch.dtype) -> None:
+    src = vllm_like_cpu_cache(dtype=dtype, seed=1)
+    dst = vllm_like_cpu_cache(dtype=dtype, fill="zeros")
+    remote_ids = [3, 4, 5, 9, 10, 40]
+    local_ids = [7, 1, 2, 8, 63, 0]
+    with running_server(src) as ends:
+        ends.leases.add("req-a", remote_ids, far_future())
+        client = ends.client()
+        nbytes = client.pull(ends.address, "req-a", remote_ids, KVCacheAccess(dst), local_ids)
+        client.close()
+    assert nbytes == len(remote_ids) * len(src) * src[0][0].numel() * src[0].element_size()
+    assert blocks_equal(src, remote_ids, dst, local_ids)
+    untouched = [b for b in range(64) if b not in local_ids]
+    assert all(int(layer[untouched].view(torch.uint8).count_nonzero()) == 0 for layer in dst)
+    # The pull released the lease.
+    assert ends.leases.drain_done()[0][0] == "req-a"
+    assert ends.transfers and ends.transfers[0][0] == nbytes
+
+
+def test_staged_path_is_byte_exact() -> None:
+    """The accelerator path (stage through host buffers), exercised with CPU tensors."""
+    src = vllm_like_cpu_cache(seed=2)
+    dst = vllm_like_cpu_cache(fill="zeros")
+    remote_ids, local_ids = [0, 1, 2, 20], [30, 31, 5, 6]
+    with running_server(src, force_staging=True) as ends:
+        ends.leases.add("req-s", remote_ids, far_future())
+        client = ends.client()
+        access = KVCacheAccess(dst, force_staging=True)
+        assert access.staged
+        client.pull(ends.address, "req-s", remote_ids, access, local_ids)
+        client.close()
+    assert blocks_equal(src, remote_ids, dst, local_ids)
+
+
+def test_block_runs_coalesce_adjacent_ids() -> None:
+    assert block_runs([4, 5, 6, 9, 10, 2]) == [(4, 3), (9, 2), (2, 1)]
+    assert block_runs([]) == []
+
+
+def test_wrong_secret_is_refused_with_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    src = vllm_like_cpu_cache()
+    dst = vllm_like_cpu_cache(fill="zeros")
+    with running_server(src) as ends, caplog.at_level(logging.WARNING):
+        ends.leases.add("req-w", [1], far_future())
+        client = ends.client(secret=b"wrong")
+        with pytest.raises(wire.RemoteError) as info:
+            client.pull(ends.address, "req-w", [1], KVCacheAccess(dst), [1])
+        client.close()
+        assert info.value.code == wire.ERR_AUTH
+        # Refused requests keep their lease: a legitimate decode can still pull.
+        assert len(ends.leases) == 1
+    assert any("refused KV connection" in r.message and "auth" in r.message for r in caplog.records)
+    assert int(dst[0][1].view(torch.uint8).count_nonzero()) == 0
+
+
+def test_handshake_mismatch_is_refused_with_a_clear_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    src = vllm_like_cpu_cache(block_size=32)
+    other = vllm_like_cpu_cache(block_size=16, dtype=torch.float32, fill="zeros")
+    with running_server(src) as ends, caplog.at_level(logging.WARNING):
+        ends.leases.add("req-h", [1], far_future())
+        client = ends.client(fingerprint=fingerprint_for(other, block_size=16))
+        with pytest.raises(wire.RemoteError) as info:
+            client.pull(ends.address, "req-h", [1], KVCacheAccess(other), [1])
+        client.close()
+    assert info.value.code == wire.ERR_HANDSHAKE
+    lines = [r.message for r in caplog.records if "KV layout mismatch" in r.message]
+    assert lines, caplog.text
+    assert "block_size: 32 != 16" in lines[0] and "dtype" in lines[0]
+
+
+def _garbage_connection(address: tuple[str, int]) -> None:
+    with socket.create_connection(address, timeout=5) as sock:
+        wire.recv_frame(sock)  # the challenge
+        sock.sendall(struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+        with pytest.raises((wire.WireError, OSError)):
+            # The server drops us; at most an error frame comes first.
+            while True:
+                wire.recv_frame(sock)
+
+
+def _unauthenticated_read(address: tuple[str, int]) -> None:
+    with socket.create_connection(address, timeout=5) as sock:
+        wire.recv_frame(sock)
+        wire.send_frame(sock, {"op": "read", "req": "big", "blocks": [0]})
+        reply = wire.recv_frame(sock)
+        assert reply["op"] == "error" and reply["code"] == wire.ERR_MALFORMED
+
+
+def test_bad_requests_are_refused_while_a_concurrent_transfer_finishes() -> None:
+    # ~48 MiB in flight so the bad connections overlap the transfer.
+    src = vllm_like_cpu_cache(num_layers=4, num_blocks=1536, head_size=64, seed=3)
+    dst = vllm_like_cpu_cache(num_layers=4, num_blocks=1536, head_size=64, fill="zeros")
+    big_remote = list(range(0, 1536, 2))[:700]
+    big_local = list(range(1535, 0, -2))[:700]
+    with running_server(src) as ends:
+        ends.leases.add("big", big_remote, far_future())
+        ends.leases.add("small", [1, 3, 5], far_future())
+        result: dict[str, object] = {}
+
+        def big_pull() -> None:
+            client = ends.client()
+            try:
+                result["nbytes"] = client.pull(
+                    ends.address, "big", big_remote, KVCacheAccess(dst), big_local
+                )
+            except Exception as exc:
+                result["error"] = exc
+            finally:
+                client.close()
+
+        transfer = threading.Thread(target=big_pull)
+        transfer.start()
+        bad = ends.client()
+        scratch = KVCacheAccess(vllm_like_cpu_cache(4, 1536, head_size=64, fill="zeros"))
+        cases = {
+            wire.ERR_UNKNOWN_REQUEST: ("nobody", [1]),
+            wire.ERR_OUT_OF_RANGE: ("small", [1536]),
+            wire.ERR_UNOWNED: ("small", [2]),  # held by "big", not by "small"
+        }
+        for code, (request_id, blocks) in cases.items():
+            with pytest.raises(wire.RemoteError) as info:
+                bad.pull(ends.address, request_id, blocks, scratch, [0] * len(blocks))
+            assert info.value.code == code
+        with pytest.raises(wire.RemoteError) as negative:
+            bad.pull(ends.address, "small", [-1], scratch, [0])
+        assert negative.value.code == wire.ERR_OUT_OF_RANGE
+        _garbage_connection(ends.address)
+        _unauthenticated_read(ends.address)
+        # The refused connection for "small" stays usable and the lease is intact.
+        assert bad.pull(ends.address, "small", [1, 3], scratch, [10, 11]) > 0
+        bad.close()
+        transfer.join(timeout=60)
+        assert "error" not in result, result
+    assert blocks_equal(src, big_remote, dst, big_local)
+    assert len(ends.refusals) >= 5
+
+
+def test_unknown_request_waits_briefly_for_a_late_lease() -> None:
+    """The prefill worker learns of a hold one engine step after the request finished."""
+    src = vllm_like_cpu_cache()
+    dst = vllm_like_cpu_cache(fill="zeros")
+    with running_server(src, unknown_request_wait_s=3.0) as ends:
+        timer = threading.Timer(0.3, ends.leases.add, args=("late", [4, 5], far_future()))
+        timer.start()
+        client = ends.client()
+        client.pull(ends.address, "late", [4, 5], KVCacheAccess(dst), [6, 7])
+        client.close()
+        timer.join()
+    assert blocks_equal(src, [4, 5], dst, [6, 7])
+
+
+def test_released_request_cannot_be_read_again() -> None:
+    src = vllm_like_cpu_cache()
+    dst = KVCacheAccess(vllm_like_cpu_cache(fill="zeros"))
+    with running_server(src) as ends:
+        ends.leases.add("once", [1], far_future())
+        client = ends.client()
+        client.pull(ends.address, "once", [1], dst, [1])
+        with pytest.raises(wire.RemoteError) as info:
+            client.pull(ends.address, "once", [1], dst, [1])
+        client.close()
+    assert info.value.code == wire.ERR_UNKNOWN_REQUEST
+
+
+def test_dead_server_fails_fast() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    src = vllm_like_cpu_cache()
+    from kv_transfer.block_client import BlockClient, ClientSettings
+
+    client = BlockClient(ClientSettings(secret=SECRET, connect_timeout_s=1.0), fingerprint_for(src))
+    started = time.monotonic()
+    with pytest.raises(wire.WireError, match="cannot connect"):
+        client.pull(("127.0.0.1", port), "r", [1], KVCacheAccess(src), [1])
+    assert time.monotonic() - started < 5

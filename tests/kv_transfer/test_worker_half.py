@@ -1,0 +1,215 @@
+"""Worker halves of a prefill and a decode engine wired together over TCP (no vLLM engine)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from kv_helpers import blocks_equal, vllm_like_cpu_cache
+
+from kv_transfer.config import TransferSettings
+from kv_transfer.leases import EndReason, LeaseError, LeaseTable
+from kv_transfer.metadata import HoldSpec, PullSpec, TcpPullMetadata
+from kv_transfer.worker import TcpPullWorker, WorkerSettings, unique_layers
+
+SECRET = b"worker-secret"
+
+
+def worker(role: str, lease_s: float = 30.0) -> TcpPullWorker:
+    return TcpPullWorker(
+        WorkerSettings(
+            engine_id=f"{role}-0",
+            model="tiny",
+            block_size=32,
+            transfer=TransferSettings(host="127.0.0.1", port=0, secret=SECRET, lease_s=lease_s),
+            is_producer=role == "prefill",
+            is_consumer=role == "decode",
+            unknown_request_wait_s=0.2,
+        )
+    )
+
+
+@contextlib.contextmanager
+def pd_pair() -> Iterator[
+    tuple[TcpPullWorker, TcpPullWorker, list[torch.Tensor], list[torch.Tensor]]
+]:
+    src = vllm_like_cpu_cache(seed=5)
+    dst = vllm_like_cpu_cache(fill="zeros")
+    p, d = worker("prefill"), worker("decode")
+    p.register_kv_caches({f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(src)})
+    d.register_kv_caches({f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(dst)})
+    try:
+        yield p, d, src, dst
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def wait_recv(d: TcpPullWorker, timeout_s: float = 10.0) -> tuple[set[str], set[str]]:
+    deadline = time.monotonic() + timeout_s
+    done: set[str] = set()
+    failed: set[str] = set()
+    while time.monotonic() < deadline:
+        _, recv, fail = d.get_finished(set())
+        done |= recv
+        failed |= fail
+        if done:
+            return done, failed
+        time.sleep(0.01)
+    raise AssertionError("pull never reported")
+
+
+def spec(p: TcpPullWorker, rid: str, remote: list[int], local: list[int], **kw: object) -> PullSpec:
+    assert p.server_port is not None
+    return PullSpec(
+        request_id=f"d-{rid}",
+        remote_host="127.0.0.1",
+        remote_port=p.server_port,
+        remote_request_id=rid,
+        remote_engine_id="prefill-0",
+        remote_block_ids=tuple(remote),
+        local_block_ids=tuple(local),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_shared_layers_are_transferred_once() -> None:
+    layers = vllm_like_cpu_cache(num_layers=2)
+    caches = {"a": layers[0], "b": layers[1], "c": layers[1]}
+    assert unique_layers(caches) == [layers[0], layers[1]]
+
+
+def test_pull_then_release_frees_the_prefill_blocks() -> None:
+    with pd_pair() as (p, d, src, dst):
+        p.start_load_kv(TcpPullMetadata(holds=[HoldSpec("r1", (2, 3, 4), time.time() + 60)]))
+        d.start_load_kv(TcpPullMetadata(pulls=[spec(p, "r1", [2, 3, 4], [10, 11, 12])]))
+        done, failed = wait_recv(d)
+        assert done == {"d-r1"} and not failed
+        assert blocks_equal(src, [2, 3, 4], dst, [10, 11, 12])
+        # Only ids vLLM has reported finished may come back as finished_sending.
+        assert p.get_finished(set())[0] == set()
+        assert p.get_finished({"r1"})[0] == {"r1"}
+        assert p.get_finished({"r1"})[0] == set()
+        d_stats, p_stats = d.get_kv_connector_stats(), p.get_kv_connector_stats()
+        assert d_stats is not None and d_stats.data["transfer_bytes"][0] > 0
+        assert (
+            p_stats is not None and p_stats.data["transfer_bytes"] == d_stats.data["transfer_bytes"]
+        )
+
+
+def test_release_only_notice_frees_without_reading() -> None:
+    with pd_pair() as (p, d, _src, dst):
+        p.start_load_kv(TcpPullMetadata(holds=[HoldSpec("r2", (5,), time.time() + 60)]))
+        d.start_load_kv(TcpPullMetadata(pulls=[spec(p, "r2", [], [], report=False)]))
+        deadline = time.monotonic() + 10
+        sent: set[str] = set()
+        while not sent and time.monotonic() < deadline:
+            sent = p.get_finished({"r2"})[0]
+            time.sleep(0.01)
+        assert sent == {"r2"}
+        # Not a pull vLLM waits on: never reported as received.
+        assert d.get_finished(set())[1] == set()
+        assert int(dst[0].view(torch.uint8).count_nonzero()) == 0
+
+
+def test_failed_pull_is_reported_received_and_failed() -> None:
+    with pd_pair() as (p, d, _src, _dst):
+        # The prefill never held "ghost": refused after the short wait.
+        d.start_load_kv(TcpPullMetadata(pulls=[spec(p, "ghost", [1], [1])]))
+        done, failed = wait_recv(d)
+        assert done == failed == {"d-ghost"}
+        stats = d.get_kv_connector_stats()
+        assert stats is not None and stats.data["failures"] == 1
+
+
+def test_pull_from_dead_prefill_instance_fails_cleanly() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    with pd_pair() as (_p, d, _src, _dst):
+        dead = PullSpec("d-x", "127.0.0.1", dead_port, "x", "gone", (1,), (1,))
+        d.start_load_kv(TcpPullMetadata(pulls=[dead]))
+        done, failed = wait_recv(d)
+        assert done == failed == {"d-x"}
+
+
+def test_abandoned_pull_is_reported_failed_and_still_releases() -> None:
+    """The scheduler could not map blocks: release, and let vLLM apply its policy."""
+    with pd_pair() as (p, d, _src, _dst):
+        p.start_load_kv(TcpPullMetadata(holds=[HoldSpec("r3", (1,), time.time() + 60)]))
+        d.start_load_kv(TcpPullMetadata(pulls=[spec(p, "r3", [], [], report=True)]))
+        done, failed = wait_recv(d)
+        assert done == failed == {"d-r3"}
+        deadline = time.monotonic() + 5
+        sent: set[str] = set()
+        while not sent and time.monotonic() < deadline:
+            sent = p.get_finished({"r3"})[0]
+        assert sent == {"r3"}
+
+
+def test_lease_expiry_releases_and_is_counted() -> None:
+    with pd_pair() as (p, d, _src, _dst):
+        p.start_load_kv(TcpPullMetadata(holds=[HoldSpec("late", (1, 2), time.time() + 0.3)]))
+        assert p.get_finished({"late"})[0] == set()
+        time.sleep(0.5)
+        assert p.get_finished(set())[0] == {"late"}
+        stats = p.get_kv_connector_stats()
+        assert stats is not None and stats.data["leases_expired"] == 1
+        # A decode arriving after the expiry is refused, and says so.
+        d.start_load_kv(TcpPullMetadata(pulls=[spec(p, "late", [1, 2], [1, 2])]))
+        _done, failed = wait_recv(d)
+        assert failed == {"d-late"}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lease_is_not_expired_while_a_read_is_in_progress() -> None:
+    clock = FakeClock()
+    table = LeaseTable(clock=clock)
+    table.add("r", [1, 2], expires_at=105.0)
+    lease = table.acquire("r", [1], wait_s=0)
+    clock.now = 200.0
+    assert table.reap_expired() == []  # pinned by the reader
+    table.finish_read(lease)
+    assert table.reap_expired() == ["r"]
+    assert table.drain_done() == [("r", EndReason.EXPIRED)]
+    with pytest.raises(LeaseError) as info:
+        table.acquire("r", [1], wait_s=0)
+    assert info.value.code == "unknown_request"
+
+
+def test_release_during_read_waits_for_the_reader() -> None:
+    table = LeaseTable()
+    table.add("r", [1], expires_at=time.time() + 60)
+    lease = table.acquire("r", [1], wait_s=0)
+    assert table.release("r") is True
+    assert table.drain_done() == []
+    table.finish_read(lease)
+    assert table.drain_done() == [("r", EndReason.RELEASED)]
+
+
+def test_release_before_the_hold_arrives_is_remembered() -> None:
+    table = LeaseTable()
+    assert table.release("early") is False
+    table.add("early", [1, 2], expires_at=time.time() + 60)
+    assert table.drain_done() == [("early", EndReason.RELEASED)]
+    assert table.blocks_held() == 0
+
+
+def test_unowned_block_is_refused() -> None:
+    table = LeaseTable()
+    table.add("r", [1, 2], expires_at=time.time() + 60)
+    with pytest.raises(LeaseError) as info:
+        table.acquire("r", [2, 3], wait_s=0)
+    assert info.value.code == "block_not_owned"
+    assert table.blocks_held() == 2
