@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "kv": ("benchmarks.kv_transfer", "KV transfer throughput and latency"),
     "load": ("benchmarks.loadgen", "closed-loop OpenAI load against any server"),
+    "pd": ("benchmarks.pd_vs_aggregated", "1P1D behind the proxy vs one aggregated vLLM engine"),
 }
 
 

@@ -60,11 +60,31 @@ class Row:
     size_mib: float
     pattern: str
     blocks_per_layer: int
-    raw_gbps: float
+    raw_gbps: float  # median run
     connector_gbps: float
-    ratio: float
+    ratio: float  # connector / raw, medians
+    raw_best_gbps: float  # fastest run: least disturbed by other load on the machine
+    connector_best_gbps: float
+    best_ratio: float
     connector_ms: float
     raw_ms: float
+
+
+def _row(pattern: str, nbytes: int, count: int, ours: list[float], raw: list[float]) -> Row:
+    ours_s, raw_s = statistics.median(ours), statistics.median(raw)
+    return Row(
+        size_mib=round(nbytes / MIB, 3),
+        pattern=pattern,
+        blocks_per_layer=count,
+        raw_gbps=round(nbytes / raw_s / 1e9, 3),
+        connector_gbps=round(nbytes / ours_s / 1e9, 3),
+        ratio=round(raw_s / ours_s, 3),
+        raw_best_gbps=round(nbytes / min(raw) / 1e9, 3),
+        connector_best_gbps=round(nbytes / min(ours) / 1e9, 3),
+        best_ratio=round(min(raw) / min(ours), 3),
+        connector_ms=round(ours_s * 1e3, 3),
+        raw_ms=round(raw_s * 1e3, 3),
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(str(s) for s in DEFAULT_SIZES_MIB),
         help="comma-separated request sizes in MiB (default 1..256)",
     )
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per size (median)")
+    parser.add_argument("--repeat", type=int, default=7, help="timed runs per size")
     parser.add_argument(
         "--pattern",
         choices=("contiguous", "scattered", "both"),
@@ -107,28 +127,18 @@ def _parse_sizes(text: str) -> list[float]:
 # -- raw loopback ceiling ---------------------------------------------------------------------
 
 
-class RawLoopback:
-    """A persistent loopback connection: 1-byte request, one sendall of N bytes back."""
+class RawServer:
+    """The loopback ceiling's sender: per 8-byte request N, one ``sendall`` of N bytes."""
 
     def __init__(self, max_bytes: int, buffer_bytes: int) -> None:
         self._payload = bytearray(max_bytes)
-        self._listener = socket.create_server(("127.0.0.1", 0))
         self._buffer_bytes = buffer_bytes
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-        self.sock = socket.create_connection(self._listener.getsockname())
-        self._tune(self.sock)
-        self.sink = bytearray(max_bytes)
-
-    def _tune(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._buffer_bytes:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._buffer_bytes)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._buffer_bytes)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        conn, _ = self._listener.accept()
-        self._tune(conn)
+        conn, _ = self.listener.accept()
+        _tune(conn, self._buffer_bytes)
         view = memoryview(self._payload)
         with conn:
             while True:
@@ -136,6 +146,15 @@ class RawLoopback:
                 if len(header) < 8:
                     return
                 conn.sendall(view[: int.from_bytes(header, "big")])
+
+
+class RawClient:
+    """The loopback ceiling's receiver: ``recv_into`` a preallocated buffer."""
+
+    def __init__(self, port: int, max_bytes: int, buffer_bytes: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        _tune(self.sock, buffer_bytes)
+        self.sink = bytearray(max_bytes)
 
     def transfer(self, nbytes: int) -> float:
         view = memoryview(self.sink)[:nbytes]
@@ -151,24 +170,31 @@ class RawLoopback:
 
     def close(self) -> None:
         self.sock.close()
-        self._thread.join(timeout=5)
-        self._listener.close()
+
+
+def _tune(sock: socket.socket, buffer_bytes: int) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
 
 
 # -- the connector path -----------------------------------------------------------------------
 
 
-def _cache(geometry: Geometry, num_blocks: int, fill: bool) -> list[torch.Tensor]:
-    """Per-layer views of one flat buffer, like vLLM's CPU ``allocate_kv_cache``."""
+def _cache(geometry: Geometry, num_blocks: int, seed: int | None) -> list[torch.Tensor]:
+    """Per-layer views of one flat buffer, like vLLM's CPU ``allocate_kv_cache``.
+
+    ``seed`` fills it with reproducible random bytes (so the receiving process
+    can rebuild the sender's content to verify); None zeroes it.
+    """
     import torch
 
     dtype = getattr(torch, geometry.dtype)
     per_layer = num_blocks * geometry.block_nbytes
-    flat = torch.empty(geometry.num_layers * per_layer, dtype=torch.uint8)
-    if fill:
-        flat.random_(0, 256)
-    else:
-        flat.zero_()
+    flat = torch.zeros(geometry.num_layers * per_layer, dtype=torch.uint8)
+    if seed is not None:
+        flat.random_(0, 256, generator=torch.Generator().manual_seed(seed))
     shape = (num_blocks, geometry.num_kv_heads, geometry.block_size, 2 * geometry.head_size)
     return [
         flat[i * per_layer : (i + 1) * per_layer].view(dtype).view(shape)
@@ -187,67 +213,121 @@ def _block_ids(pattern: str, count: int, num_blocks: int, seed: int) -> list[int
     return ids
 
 
-class ConnectorPath:
-    def __init__(self, geometry: Geometry, max_blocks: int, buffer_bytes: int) -> None:
-        from kv_transfer import wire
-        from kv_transfer.block_client import BlockClient, ClientSettings
-        from kv_transfer.block_server import BlockServer, ServerSettings
-        from kv_transfer.device import KVCacheAccess
-        from kv_transfer.leases import LeaseTable
+def _fingerprint(geometry: Geometry) -> Any:
+    from kv_transfer import wire
 
-        num_blocks = 2 * max_blocks + 1
-        self.src = _cache(geometry, num_blocks, fill=True)
-        self.dst = _cache(geometry, num_blocks, fill=False)
-        self.num_blocks = num_blocks
-        fingerprint = wire.KVFingerprint(
-            model="bench",
-            dtype=str(self.src[0].dtype),
-            block_size=geometry.block_size,
-            layout="LBHNC",
-            num_layers=geometry.num_layers,
-            block_shape=tuple(self.src[0].shape[1:]),
+    return wire.KVFingerprint(
+        model="bench",
+        dtype=f"torch.{geometry.dtype}",
+        block_size=geometry.block_size,
+        layout="LBHNC",
+        num_layers=geometry.num_layers,
+        block_shape=(geometry.num_kv_heads, geometry.block_size, 2 * geometry.head_size),
+    )
+
+
+def _prefill_process(
+    geometry: Geometry, num_blocks: int, max_bytes: int, buffer_bytes: int, pipe: Any
+) -> None:
+    """The sending side, in its own process like a real prefill worker (no shared GIL)."""
+    from kv_transfer.block_server import BlockServer, ServerSettings
+    from kv_transfer.device import KVCacheAccess
+    from kv_transfer.leases import LeaseTable
+
+    src = _cache(geometry, num_blocks, seed=SOURCE_SEED)
+    leases = LeaseTable()
+    server = BlockServer(
+        ServerSettings(host="127.0.0.1", port=0, secret=SECRET, socket_buffer_bytes=buffer_bytes),
+        _fingerprint(geometry),
+        KVCacheAccess(src),
+        leases,
+        engine_id="bench-prefill",
+    )
+    server.start()
+    raw_default, raw_tuned = RawServer(max_bytes, 0), RawServer(max_bytes, buffer_bytes)
+    pipe.send(
+        (
+            server.port,
+            raw_default.listener.getsockname()[1],
+            raw_tuned.listener.getsockname()[1],
         )
-        self.leases = LeaseTable()
-        self.server = BlockServer(
-            ServerSettings(
-                host="127.0.0.1", port=0, secret=SECRET, socket_buffer_bytes=buffer_bytes
-            ),
-            fingerprint,
-            KVCacheAccess(self.src),
-            self.leases,
-            engine_id="bench-prefill",
+    )
+    while True:
+        command = pipe.recv()
+        if command is None:
+            break
+        request_id, block_ids = command
+        leases.add(request_id, block_ids, time.time() + 60)
+        leases.drain_done()
+        pipe.send("ok")
+    server.stop()
+
+
+SOURCE_SEED = 1234
+
+
+class Bench:
+    def __init__(self, geometry: Geometry, max_blocks: int, buffer_bytes: int) -> None:
+        import multiprocessing
+
+        from kv_transfer.block_client import BlockClient, ClientSettings
+        from kv_transfer.device import KVCacheAccess
+
+        self.geometry = geometry
+        self.num_blocks = 2 * max_blocks + 1
+        max_bytes = max_blocks * geometry.block_nbytes * geometry.num_layers
+        context = multiprocessing.get_context("spawn")
+        self._pipe, child_end = context.Pipe()
+        self._process = context.Process(
+            target=_prefill_process,
+            args=(geometry, self.num_blocks, max_bytes, buffer_bytes, child_end),
+            daemon=True,
         )
-        self.server.start()
-        self.client = BlockClient(
-            ClientSettings(secret=SECRET, socket_buffer_bytes=buffer_bytes), fingerprint
-        )
+        self._process.start()
+        if not self._pipe.poll(300):
+            raise RuntimeError("benchmark prefill process did not start")
+        self.port, raw_default_port, raw_tuned_port = self._pipe.recv()
+        self.dst = _cache(geometry, self.num_blocks, seed=None)
         self.dst_access = KVCacheAccess(self.dst)
+        self.client = BlockClient(
+            ClientSettings(secret=SECRET, socket_buffer_bytes=buffer_bytes), _fingerprint(geometry)
+        )
+        self.raw_default = RawClient(raw_default_port, max_bytes, 0)
+        self.raw_tuned = RawClient(raw_tuned_port, max_bytes, buffer_bytes)
         self._counter = 0
 
-    def transfer(self, remote_ids: list[int], local_ids: list[int]) -> tuple[float, int]:
+    def connector(self, remote_ids: list[int], local_ids: list[int]) -> float:
         self._counter += 1
         request_id = f"bench-{self._counter}"
-        self.leases.add(request_id, remote_ids, time.time() + 60)
+        self._pipe.send((request_id, remote_ids))
+        self._pipe.recv()
         started = time.perf_counter()
-        nbytes = self.client.pull(
-            ("127.0.0.1", self.server.port), request_id, remote_ids, self.dst_access, local_ids
+        self.client.pull(
+            ("127.0.0.1", self.port), request_id, remote_ids, self.dst_access, local_ids
         )
-        elapsed = time.perf_counter() - started
-        self.leases.drain_done()
-        return elapsed, nbytes
+        return time.perf_counter() - started
+
+    def raw(self, nbytes: int) -> float:
+        return min(self.raw_default.transfer(nbytes), self.raw_tuned.transfer(nbytes))
 
     def verify(self, remote_ids: list[int], local_ids: list[int]) -> bool:
         import torch
 
+        src = _cache(self.geometry, self.num_blocks, seed=SOURCE_SEED)
         # Compare bytes: random bits include NaNs, which never equal themselves.
         return all(
             torch.equal(s[remote_ids].view(torch.uint8), d[local_ids].view(torch.uint8))
-            for s, d in zip(self.src, self.dst, strict=True)
+            for s, d in zip(src, self.dst, strict=True)
         )
 
     def close(self) -> None:
         self.client.close()
-        self.server.stop()
+        self.raw_default.close()
+        self.raw_tuned.close()
+        self._pipe.send(None)
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -260,47 +340,27 @@ def run(args: argparse.Namespace) -> int:
     patterns = ["contiguous", "scattered"] if args.pattern == "both" else [args.pattern]
     buffer_bytes = args.socket_buffer_kib * 1024
     max_blocks = max(geometry.blocks_for(int(s * MIB)) for s in sizes)
-    max_bytes = max_blocks * geometry.block_nbytes * geometry.num_layers
-
-    connector = ConnectorPath(geometry, max_blocks, buffer_bytes)
-    raw_default = RawLoopback(max_bytes, 0)
-    raw_tuned = RawLoopback(max_bytes, buffer_bytes)
+    bench = Bench(geometry, max_blocks, buffer_bytes)
     rows: list[Row] = []
     try:
         for pattern in patterns:
             for size in sizes:
                 count = geometry.blocks_for(int(size * MIB))
-                remote = _block_ids(pattern, count, connector.num_blocks, seed=1)
-                local = _block_ids(pattern, count, connector.num_blocks, seed=2)
+                remote = _block_ids(pattern, count, bench.num_blocks, seed=1)
+                local = _block_ids(pattern, count, bench.num_blocks, seed=2)
                 nbytes = count * geometry.block_nbytes * geometry.num_layers
-                # Warm-up: handshake, page faults, socket buffers.
-                connector.transfer(remote, local)
-                raw_default.transfer(nbytes)
-                raw_tuned.transfer(nbytes)
+                bench.connector(remote, local)  # warm-up: handshake, page faults, buffers
+                bench.raw(nbytes)
                 ours, raw = [], []
                 for _ in range(args.repeat):  # interleaved so load drift hits both alike
-                    ours.append(connector.transfer(remote, local)[0])
-                    raw.append(min(raw_default.transfer(nbytes), raw_tuned.transfer(nbytes)))
-                if not connector.verify(remote, local):
+                    ours.append(bench.connector(remote, local))
+                    raw.append(bench.raw(nbytes))
+                if not bench.verify(remote, local):
                     raise RuntimeError(f"transferred blocks differ at {size} MiB ({pattern})")
-                ours_s, raw_s = statistics.median(ours), statistics.median(raw)
-                rows.append(
-                    Row(
-                        size_mib=round(nbytes / MIB, 3),
-                        pattern=pattern,
-                        blocks_per_layer=count,
-                        raw_gbps=round(nbytes / raw_s / 1e9, 3),
-                        connector_gbps=round(nbytes / ours_s / 1e9, 3),
-                        ratio=round(raw_s / ours_s, 3),
-                        connector_ms=round(ours_s * 1e3, 3),
-                        raw_ms=round(raw_s * 1e3, 3),
-                    )
-                )
+                rows.append(_row(pattern, nbytes, count, ours, raw))
                 _print_row(rows[-1], header=len(rows) == 1)
     finally:
-        connector.close()
-        raw_default.close()
-        raw_tuned.close()
+        bench.close()
 
     result: dict[str, Any] = {
         "benchmark": "kv_transfer",
@@ -309,29 +369,46 @@ def run(args: argparse.Namespace) -> int:
         "geometry": asdict(geometry) | {"block_nbytes_per_layer": geometry.block_nbytes},
         "repeat": args.repeat,
         "socket_buffer_kib": args.socket_buffer_kib,
-        "raw_baseline": "median of min(default-buffer, tuned-buffer) sendall->recv_into per run",
+        "raw_baseline": "per run, the faster of a default-buffer and a tuned-buffer "
+        "sendall->recv_into over loopback; sender in a separate process, like ours",
         "target": "connector >= 0.8 x raw from 16 MiB up",
-        "target_met": {
+        "target_met_median": {
             pattern: all(r.ratio >= 0.8 for r in rows if r.pattern == pattern and r.size_mib >= 16)
+            for pattern in patterns
+        },
+        "target_met_best": {
+            pattern: all(
+                r.best_ratio >= 0.8 for r in rows if r.pattern == pattern and r.size_mib >= 16
+            )
             for pattern in patterns
         },
         "rows": [asdict(r) for r in rows],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.output}; target >= 80% of raw from 16 MiB: {result['target_met']}")
+    print(
+        f"\nwrote {args.output}; >= 80% of raw from 16 MiB: "
+        f"median {result['target_met_median']}, best {result['target_met_best']}"
+    )
     return 0
 
 
 def _print_row(row: Row, header: bool) -> None:
     if header:
         print(
-            f"{'pattern':<11} {'MiB':>8} {'blk/layer':>9} {'raw GB/s':>9} "
-            f"{'ours GB/s':>9} {'ratio':>6} {'ours ms':>9} {'raw ms':>9}"
+            f"{'pattern':<11} {'MiB':>7} {'blk/layer':>9} | {'median GB/s':>11} "
+            f"{'':>6} {'ratio':>6} | {'best GB/s':>9} {'':>6} {'ratio':>6} | {'ours ms':>8}"
+        )
+        print(
+            f"{'':<11} {'':>7} {'':>9} | {'raw':>5} {'ours':>5} {'':>6} {'':>6} | "
+            f"{'raw':>5} {'ours':>5} {'':>5} {'':>6} |"
         )
     print(
-        f"{row.pattern:<11} {row.size_mib:>8.2f} {row.blocks_per_layer:>9d} {row.raw_gbps:>9.3f} "
-        f"{row.connector_gbps:>9.3f} {row.ratio:>6.2f} {row.connector_ms:>9.2f} {row.raw_ms:>9.2f}",
+        f"{row.pattern:<11} {row.size_mib:>7.1f} {row.blocks_per_layer:>9d} | "
+        f"{row.raw_gbps:>5.2f} {row.connector_gbps:>5.2f} {'':>6} {row.ratio:>6.2f} | "
+        f"{row.raw_best_gbps:>5.2f} {row.connector_best_gbps:>5.2f} {'':>5} "
+        f"{row.best_ratio:>6.2f} | "
+        f"{row.connector_ms:>8.2f}",
         flush=True,
     )
 

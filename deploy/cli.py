@@ -17,7 +17,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("proxy.cli", "run the OpenAI-compatible PD proxy"),
     "worker": ("deploy.worker_cli", "run one prefill or decode vLLM worker"),
-    "make-tiny-model": ("deploy.tiny_model", "write a tiny random-weight Llama model and tokenizer"),
+    "make-tiny-model": ("deploy.tiny_model", "write a tiny random-weight Llama and its tokenizer"),
     "up": ("deploy.up_cli", "start an xPyD cluster on Ray (local by default)"),
     "down": ("deploy.down_cli", "stop the cluster started by `pdserve up`"),
     "status": ("deploy.status_cli", "show the instances of a running cluster"),

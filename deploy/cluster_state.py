@@ -100,6 +100,18 @@ def kill_recorded_workers(directory: Path) -> None:
         pid_file.unlink(missing_ok=True)
 
 
+def require_running(directory: Path) -> ClusterState:
+    """The recorded cluster, or a one-line error when there is none (or it died)."""
+    state = read_state(directory)
+    if state is None:
+        raise ValueError(f"no running cluster recorded in {directory}")
+    if state.started_ray and not pid_alive(state.up_pid):
+        # The local Ray cluster shares the fate of its `pdserve up`.
+        clear_state(directory)
+        raise ValueError(f"the cluster's `pdserve up` (pid {state.up_pid}) is gone; nothing runs")
+    return state
+
+
 def connect(state: ClusterState) -> None:
     """Attach this process to the cluster as a Ray driver (token auth included).
 
@@ -110,7 +122,7 @@ def connect(state: ClusterState) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
         if "ray" in sys.modules:
             # Ray caches its config at import; re-read it so token mode takes effect.
-            from ray._raylet import Config
+            from ray._raylet import Config  # type: ignore[attr-defined]
 
             Config.initialize("")
     import ray

@@ -211,11 +211,17 @@ class Controller:
                     # Newest first: they sit in the newest placement groups, which then empty.
                     removes += live[want:]
             self._check_capacity(adds)
-            self._topology = target
+            previous, self._topology = self._topology, target
             launched: list[InstanceRecord] = []
-            for role, count in adds.items():
-                launched += await self._launch_pool(role, count)
-            await asyncio.gather(*(self.wait_ready(r.plan.name) for r in launched))
+            try:
+                for role, count in adds.items():
+                    launched += await self._launch_pool(role, count)
+                await asyncio.gather(*(self.wait_ready(r.plan.name) for r in launched))
+            except BaseException:
+                # Leave the pools as they were: nothing half-started stays behind.
+                self._topology = previous
+                await asyncio.gather(*(self._retire(r) for r in launched), return_exceptions=True)
+                raise
             await asyncio.gather(*(self._retire(r) for r in removes))
             return {
                 "prefill": target.prefill.replicas,

@@ -15,7 +15,7 @@ from deploy.cluster_state import (
     add_state_dir_argument,
     connect,
     get_controller,
-    read_state,
+    require_running,
     state_dir,
 )
 
@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 0:
             raise CliError(f"--{flag}: must be >= 0, got {value}")
     directory = state_dir(args.state_dir)
-    state = read_state(directory)
-    if state is None:
-        raise CliError(f"no running cluster recorded in {directory}")
+    try:
+        state = require_running(directory)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     try:
         connect(state)
         controller = get_controller(state)

@@ -19,7 +19,7 @@ from deploy.cluster_state import (
     add_state_dir_argument,
     connect,
     get_controller,
-    read_state,
+    require_running,
     state_dir,
 )
 
@@ -36,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     directory = state_dir(args.state_dir)
-    state = read_state(directory)
-    if state is None:
-        raise CliError(f"no running cluster recorded in {directory}")
+    try:
+        state = require_running(directory)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     try:
         connect(state)
         controller = get_controller(state)

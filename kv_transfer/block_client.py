@@ -54,7 +54,7 @@ class BlockConnection:
         self.sock = sock
         try:
             wire.tune_socket(sock, settings.socket_buffer_bytes)
-            sock.settimeout(settings.io_timeout_s)
+            wire.set_timeout(sock, settings.io_timeout_s)
             self.remote_engine_id = self._handshake(fingerprint)
         except BaseException:
             sock.close()
@@ -88,15 +88,27 @@ class BlockConnection:
         remote_block_ids: Sequence[int],
         cache: KVCacheAccess,
         local_block_ids: Sequence[int],
+        *,
+        release: bool = False,
     ) -> int:
-        """Read ``remote_block_ids`` of ``request_id`` into ``local_block_ids``; return bytes."""
+        """Read ``remote_block_ids`` of ``request_id`` into ``local_block_ids``; return bytes.
+
+        With ``release`` the server frees the blocks once it has sent them, which
+        saves the separate release round trip.
+        """
         if len(remote_block_ids) != len(local_block_ids):
             raise ValueError(
                 f"{len(remote_block_ids)} remote blocks for {len(local_block_ids)} local blocks"
             )
         try:
             wire.send_frame(
-                self.sock, {"op": "read", "req": request_id, "blocks": list(remote_block_ids)}
+                self.sock,
+                {
+                    "op": "read",
+                    "req": request_id,
+                    "blocks": list(remote_block_ids),
+                    "release": release,
+                },
             )
             header = wire.expect(wire.recv_frame(self.sock), "data")
         except wire.WireError as exc:
@@ -106,6 +118,10 @@ class BlockConnection:
             raise wire.WireError(
                 f"server announced {header.get('nbytes')} bytes, expected {expected}"
             )
+        views = cache.request_recv_views(local_block_ids)
+        if views is not None:
+            wire.recv_buffers(self.sock, views)
+            return expected
         for layer in range(cache.num_layers):
             wire.recv_buffers(self.sock, cache.recv_views(layer, local_block_ids))
             cache.commit_recv(layer, local_block_ids)
@@ -158,7 +174,7 @@ class BlockClient:
         *,
         release: bool = True,
     ) -> int:
-        """Read the blocks, then (if ``release``) tell the server to free them.
+        """Read the blocks; with ``release`` the server frees them once sent.
 
         Raises WireError / RemoteError on failure. A pooled connection that has
         gone stale (server restarted) is retried once on a fresh connection
@@ -167,16 +183,18 @@ class BlockClient:
         conn, pooled = self._checkout(endpoint)
         try:
             try:
-                nbytes = conn.read_blocks(request_id, remote_block_ids, cache, local_block_ids)
+                nbytes = conn.read_blocks(
+                    request_id, remote_block_ids, cache, local_block_ids, release=release
+                )
             except NoBytesReceived:
                 if not pooled:
                     raise
                 # The idle connection went stale (server closed or restarted it).
                 conn.sock.close()
                 conn = BlockConnection(endpoint, self._settings, self._fingerprint)
-                nbytes = conn.read_blocks(request_id, remote_block_ids, cache, local_block_ids)
-            if release:
-                conn.release(request_id)
+                nbytes = conn.read_blocks(
+                    request_id, remote_block_ids, cache, local_block_ids, release=release
+                )
         except wire.RemoteError:
             # An error frame after the handshake leaves the connection in sync; keep it.
             if conn.sock.fileno() >= 0:

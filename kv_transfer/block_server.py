@@ -132,13 +132,13 @@ class BlockServer:
         peer = f"{addr[0]}:{addr[1]}"
         try:
             wire.tune_socket(conn, self._settings.socket_buffer_bytes)
-            conn.settimeout(self._settings.handshake_timeout_s)
+            wire.set_timeout(conn, self._settings.handshake_timeout_s)
             if not self._handshake(conn, peer):
                 return
             while not self._stopping.is_set():
-                conn.settimeout(self._settings.idle_timeout_s)
+                wire.set_timeout(conn, self._settings.idle_timeout_s)
                 message = wire.recv_frame(conn)
-                conn.settimeout(self._settings.io_timeout_s)
+                wire.set_timeout(conn, self._settings.io_timeout_s)
                 op = message["op"]
                 if op == "read":
                     self._serve_read(conn, peer, message)
@@ -149,8 +149,6 @@ class BlockServer:
                 else:
                     self._refuse(conn, peer, wire.ERR_MALFORMED, f"unknown op {op!r}")
                     return
-        except TimeoutError:
-            logger.info("dropping KV connection from %s: timed out", peer)
         except wire.WireError as exc:
             if not self._stopping.is_set():
                 logger.info("dropping KV connection from %s: %s", peer, exc)
@@ -245,9 +243,16 @@ class BlockServer:
             started = time.perf_counter()
             nbytes = self._cache.request_nbytes(len(block_ids))
             wire.send_frame(conn, {"op": "data", "nbytes": nbytes})
-            for layer in range(self._cache.num_layers):
-                wire.send_buffers(conn, self._cache.send_views(layer, block_ids))
+            views = self._cache.request_send_views(block_ids)
+            if views is not None:
+                wire.send_buffers(conn, views)
+            else:
+                for layer in range(self._cache.num_layers):
+                    wire.send_buffers(conn, self._cache.send_views(layer, block_ids))
             elapsed = time.perf_counter() - started
+            if message.get("release") is True:
+                # Every byte is in the kernel's send buffer: the blocks may be reused.
+                self._leases.release(request_id)
         finally:
             self._leases.finish_read(lease)
         if self._on_transfer is not None:

@@ -113,6 +113,20 @@ class KVCacheAccess:
             return [self._staging_view(len(block_ids) * layer.block_nbytes)]
         return self._direct_views(layer, block_ids)
 
+    def request_send_views(self, block_ids: Sequence[int]) -> list[memoryview] | None:
+        """Every layer's views for ``block_ids`` in wire order, or None when staged.
+
+        One list lets the transport hand all layers to the kernel in a few
+        vectored writes instead of one call per layer.
+        """
+        if self.staged:
+            return None
+        return [v for layer in self._layers for v in self._direct_views(layer, block_ids)]
+
+    def request_recv_views(self, block_ids: Sequence[int]) -> list[memoryview] | None:
+        """Like ``request_send_views``, for receiving straight into the cache."""
+        return self.request_send_views(block_ids)
+
     # -- consumer side ------------------------------------------------------------------------
 
     def recv_views(self, layer_index: int, block_ids: Sequence[int]) -> list[memoryview]:

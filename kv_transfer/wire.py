@@ -128,7 +128,7 @@ def send_frame(sock: socket.socket, message: Mapping[str, Any]) -> None:
     try:
         sock.sendall(encode_frame(message))
     except OSError as exc:
-        raise WireError(f"send failed: {exc}") from exc
+        raise WireError(f"send failed: {_describe(exc)}") from exc
 
 
 def recv_exact(sock: socket.socket, nbytes: int) -> bytearray:
@@ -137,17 +137,25 @@ def recv_exact(sock: socket.socket, nbytes: int) -> bytearray:
     return buf
 
 
+def _describe(exc: OSError) -> str:
+    # A kernel SO_RCVTIMEO/SO_SNDTIMEO expiry surfaces as EAGAIN.
+    if isinstance(exc, TimeoutError | BlockingIOError):
+        return "timed out"
+    return str(exc)
+
+
 def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
     """Fill ``view`` completely from ``sock`` or raise WireError."""
     got, total = 0, view.nbytes
     try:
         while got < total:
-            n = sock.recv_into(view[got:], total - got)
+            # MSG_WAITALL: the kernel fills the buffer in one call on a blocking socket.
+            n = sock.recv_into(view[got:], total - got, socket.MSG_WAITALL)
             if n == 0:
                 raise WireError(f"connection closed after {got} of {total} bytes")
             got += n
     except OSError as exc:
-        raise WireError(f"receive failed after {got} of {total} bytes: {exc}") from exc
+        raise WireError(f"receive failed after {got} of {total} bytes: {_describe(exc)}") from exc
 
 
 def decode_frame_body(body: bytes | bytearray) -> dict[str, Any]:
@@ -207,7 +215,7 @@ def send_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> int:
                     pending[i] = head[sent:]
                     sent = 0
     except OSError as exc:
-        raise WireError(f"sending block data failed: {exc}") from exc
+        raise WireError(f"sending block data failed: {_describe(exc)}") from exc
     return total
 
 
@@ -230,7 +238,7 @@ def recv_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> int:
                     ) from exc
                 got += pending[i].nbytes
                 break
-            n = sock.recvmsg_into(pending[i : i + IOV_MAX])[0]
+            n = sock.recvmsg_into(pending[i : i + IOV_MAX], 0, socket.MSG_WAITALL)[0]
             if n == 0:
                 raise WireError(f"connection closed after {got} of {total} block bytes")
             got += n
@@ -243,8 +251,24 @@ def recv_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> int:
                     pending[i] = head[n:]
                     n = 0
     except OSError as exc:
-        raise WireError(f"receiving block data failed after {got} of {total}: {exc}") from exc
+        raise WireError(
+            f"receiving block data failed after {got} of {total}: {_describe(exc)}"
+        ) from exc
     return total
+
+
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound every blocking send/recv on ``sock`` by ``seconds``, in the kernel.
+
+    Python's own socket timeout makes the socket non-blocking and polls before
+    every call; kernel timeouts keep it blocking, so MSG_WAITALL receives and
+    sendall run as few, large system calls.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 def tune_socket(sock: socket.socket, buffer_bytes: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 import orjson
@@ -16,6 +17,8 @@ from proxy.metrics import ProxyMetrics
 from proxy.pd_flow import PDFlow, error_response
 from proxy.registry import InstanceRegistry
 from proxy.request import Endpoint, parse_client_request
+
+log = logging.getLogger(__name__)
 
 # Client headers that travel on to both legs besides X-Request-Id.
 _FORWARDED_HEADERS = ("Authorization", "traceparent", "tracestate")
@@ -80,7 +83,12 @@ class PublicAPI:
             value = client_headers.get(name)
             if value is not None:
                 headers += b"%s: %s\r\n" % (name.encode(), value.encode("latin-1", "replace"))
-        return await self._flow.run(request, req, request_id, headers, started)
+        try:
+            return await self._flow.run(request, req, request_id, headers, started)
+        except Exception:
+            # A proxy bug must still answer in the API's shape, never with a traceback.
+            log.exception("unexpected error serving request %s", request_id)
+            return error_response(ProxyError(500, "internal proxy error"), request_id)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self._max_body_bytes

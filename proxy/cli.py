@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import signal
+import sys
 from typing import Any
 
 from pydantic import ValidationError
@@ -51,10 +52,9 @@ def build_config(args: argparse.Namespace) -> Any:
     data = base.model_dump()
     data["prefill"] = [*data["prefill"], *(args.prefill or [])]
     data["decode"] = [*data["decode"], *(args.decode or [])]
-    for flag, key in (("host", "host"), ("port", "port"),
-                      ("disagg_min_prompt_tokens", "disagg_min_prompt_tokens")):  # fmt: skip
-        if getattr(args, flag) is not None:
-            data[key] = getattr(args, flag)
+    for key in ("host", "port", "disagg_min_prompt_tokens"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
     if args.admin_port is not None:
         data["admin"]["port"] = args.admin_port
     token = args.admin_token or os.environ.get("PDSERVE_ADMIN_TOKEN")
@@ -71,7 +71,7 @@ def build_config(args: argparse.Namespace) -> Any:
     admin_on = config.admin.port is not None or bool(config.admin.token)
     if not config.decode and not admin_on:
         raise CliError(
-            "decode: no decode instances; pass --decode URL or list them under `decode:`"
+            "decode: no decode instances and no admin API to add them; pass --decode URL"
         )
     return config
 
@@ -87,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
         server = ProxyServer(config)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if not config.decode:
+        # Legitimate when instances are registered later through the admin API.
+        print(
+            "pdserve proxy: no decode instances yet; add them with the admin API",
+            file=sys.stderr,
+        )
     try:
         uvloop.run(_serve(server))
     except OSError as exc:

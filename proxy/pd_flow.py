@@ -235,7 +235,9 @@ class PDFlow:
             if isinstance(outcome, dict):
                 return outcome
             error, failed = outcome, instance
-        return None if error is None else _raise(error)
+        if error is not None:
+            raise error
+        return None
 
     async def _prefill_once(
         self,
@@ -479,7 +481,3 @@ async def _end_stream_with_error(
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _raise(error: ProxyError) -> Any:
-    raise error

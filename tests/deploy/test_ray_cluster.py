@@ -238,6 +238,7 @@ def _complete(client: openai.OpenAI, prompt: str = "The capital of France is", *
     return result.choices[0].text
 
 
+@pytest.mark.timeout(1500)
 def test_up_prints_stages_and_answers_openai_requests(cluster: Cluster) -> None:
     stages = [line.split("]", 1)[1].split()[0] for line in cluster.lines if line.startswith("[")]
     for stage in (
@@ -293,6 +294,7 @@ def test_up_prints_stages_and_answers_openai_requests(cluster: Cluster) -> None:
     assert table.returncode == 0 and "KV-BLOCKS" in table.stdout and "prefill-0" in table.stdout
 
 
+@pytest.mark.timeout(900)
 def test_killed_worker_is_restarted_and_readmitted(cluster: Cluster) -> None:
     client = cluster.client(timeout=60)
     prefill_url = f"http://127.0.0.1:{cluster.ports['prefill']}"
@@ -369,6 +371,7 @@ class _Load:
                 self.failures.append(f"{type(exc).__name__}: {exc}")
 
 
+@pytest.mark.timeout(1800)
 def test_scale_up_and_down_under_load_fails_no_request(cluster: Cluster) -> None:
     prefill_1 = f"http://127.0.0.1:{cluster.ports['prefill'] + 1}"
     with _Load(cluster) as load:
@@ -395,6 +398,7 @@ def test_scale_up_and_down_under_load_fails_no_request(cluster: Cluster) -> None
     assert _ports_free([cluster.ports["prefill"] + 1, cluster.ports["kv"] + 1])
 
 
+@pytest.mark.timeout(300)
 def test_scale_beyond_resources_fails_cleanly(cluster: Cluster) -> None:
     result = cluster.pdserve("scale", "--decode", "2", "--prefill", "3", timeout_s=300)
     assert result.returncode == 2
@@ -402,6 +406,7 @@ def test_scale_beyond_resources_fails_cleanly(cluster: Cluster) -> None:
     assert "max_replicas" in result.stderr
 
 
+@pytest.mark.timeout(600)
 def test_down_leaves_no_process_behind(cluster: Cluster) -> None:
     cluster.remember_processes()
     assert cluster.seen

@@ -199,3 +199,23 @@ def test_dead_server_fails_fast() -> None:
     with pytest.raises(wire.WireError, match="cannot connect"):
         client.pull(("127.0.0.1", port), "r", [1], KVCacheAccess(src), [1])
     assert time.monotonic() - started < 5
+
+
+def test_silent_connection_is_dropped_without_blocking_others() -> None:
+    src = vllm_like_cpu_cache()
+    dst = vllm_like_cpu_cache(fill="zeros")
+    with running_server(src) as ends:
+        ends.leases.add("r", [2], far_future())
+        silent = socket.create_connection(ends.address, timeout=10)
+        client = ends.client()
+        client.pull(ends.address, "r", [2], KVCacheAccess(dst), [3])
+        client.close()
+        # The server gives up on the silent peer after its handshake timeout (2 s here).
+        started = time.monotonic()
+        wire.recv_frame(silent)  # the challenge
+        with pytest.raises((wire.WireError, OSError)):
+            while True:
+                wire.recv_frame(silent)
+        assert time.monotonic() - started < 8
+        silent.close()
+    assert blocks_equal(src, [2], dst, [3])

@@ -116,3 +116,19 @@ async def test_every_prompt_form_is_accepted(
     ) as r:
         assert r.status == 200
     assert prefill.generate_requests()[0].body["prompt"] == prompt
+
+
+async def test_a_proxy_bug_is_an_openai_500_not_a_traceback(
+    proxy: ProxyServer, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.pd_flow import PDFlow
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(PDFlow, "_serve", broken)
+    async with http.post(proxy.url + "/v1/completions", json=GOOD_COMPLETION) as response:
+        assert response.status == 500
+        payload = await response.json()
+    assert_openai_error(payload, 500, None)
+    assert "Traceback" not in payload["error"]["message"]

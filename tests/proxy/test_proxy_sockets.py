@@ -50,6 +50,7 @@ def tcp_sockets() -> list[tuple[tuple[str, int], tuple[str, int], int]]:
 async def test_tcp_nodelay_on_client_and_upstream_sockets(
     proxy: ProxyServer, prefill: FakeWorker, decode: FakeWorker
 ) -> None:
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
     connector = aiohttp.TCPConnector(limit=1)
     async with aiohttp.ClientSession(connector=connector) as http:
         async with http.post(proxy.url + "/v1/completions", json=BODY) as response:

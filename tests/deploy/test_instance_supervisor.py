@@ -1,0 +1,138 @@
+"""InstanceSupervisor's restart loop, outside Ray, with a tiny HTTP process as the worker.
+
+The real thing (a vLLM worker under a Ray actor) is covered by test_ray_cluster.py; this
+checks the supervision logic in a second: restart on death, same port, stop leaves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy import worker_launch
+from deploy.instance_actor import InstancePlan, InstanceSupervisor, health_ok
+
+FAKE_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def fake_worker(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    specs: list[Any] = []
+
+    def start_worker(spec: Any, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+        specs.append(spec)
+        return subprocess.Popen(
+            [sys.executable, "-c", FAKE_SERVER, str(spec.api_port)], start_new_session=True
+        )
+
+    monkeypatch.setattr(worker_launch, "start_worker", start_worker)
+    return specs
+
+
+def _plan(tmp_path: Path) -> InstancePlan:
+    return InstancePlan(
+        name="prefill-0",
+        role="prefill",
+        index=0,
+        model=str(tmp_path),
+        host="127.0.0.1",
+        api_port=_free_port(),
+        kv_port=_free_port(),
+        cpu_core=1,
+        kv_cache_gib=1,
+        accelerator="cpu",
+        run_dir=str(tmp_path),
+        engine_id="pdserve-prefill-0",
+        vllm_args=["--max-model-len", "256"],
+        restart_backoff_s=0.1,
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child still answers kill(0); waitpid tells.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == 0
+
+
+def test_restarts_dead_worker_and_stops_cleanly(tmp_path: Path, fake_worker: list[Any]) -> None:
+    plan = _plan(tmp_path)
+    supervisor = InstanceSupervisor(plan)
+    info = supervisor.wait_ready(timeout_s=30)
+    assert info["state"] == "ready" and info["restarts"] == 0
+    assert info["url"] == f"http://127.0.0.1:{plan.api_port}"
+    spec = fake_worker[0]
+    assert (spec.role, spec.api_port, spec.kv_port, spec.cpu_core) == (
+        "prefill",
+        plan.api_port,
+        plan.kv_port,
+        1,
+    )
+    assert spec.device == "cpu" and spec.extra_args == ("--max-model-len", "256")
+    first_pid = info["pid"]
+    assert int((tmp_path / "pids" / "prefill-0.pid").read_text()) == first_pid
+
+    os.kill(first_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        info = supervisor.info()
+        if info["restarts"] == 1 and info["state"] == "ready":
+            break
+        time.sleep(0.1)
+    assert info["restarts"] == 1 and info["state"] == "ready", info
+    assert info["pid"] != first_pid and info["last_exit"] == -signal.SIGKILL
+    assert health_ok(info["url"])
+
+    supervisor.stop()
+    assert supervisor.info()["state"] == "stopped"
+    assert not _alive(info["pid"])
+    assert not (tmp_path / "pids" / "prefill-0.pid").exists()
+    time.sleep(1.0)  # the watcher must not start it again
+    assert len(fake_worker) == 2
+
+
+def test_new_incarnation_kills_what_the_previous_left(
+    tmp_path: Path, fake_worker: list[Any]
+) -> None:
+    plan = _plan(tmp_path)
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", FAKE_SERVER, str(plan.api_port)], start_new_session=True
+    )
+    (tmp_path / "pids").mkdir()
+    (tmp_path / "pids" / "prefill-0.pid").write_text(str(orphan.pid))
+    supervisor = InstanceSupervisor(plan)  # as after Ray restarted a crashed actor
+    try:
+        assert orphan.wait(timeout=15) == -signal.SIGKILL
+        info = supervisor.wait_ready(timeout_s=30)
+        assert info["pid"] != orphan.pid
+    finally:
+        supervisor.stop()
