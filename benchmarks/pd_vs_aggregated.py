@@ -354,13 +354,19 @@ class PointResult:
     errors: int
     wall_s: float
     requests_per_s: float
-    output_tokens_per_s: float  # streamed content events per second
-    tokens_per_request: float
+    # ignore_eos makes every successful request produce exactly max_tokens tokens.
+    output_tokens_per_s: float
+    # SSE content chunks per request: fewer than max_tokens when vLLM sends several tokens
+    # in one chunk (it does when its output loop falls behind), so ITL is per chunk.
+    chunks_per_request: float
     # Milliseconds; None when nothing succeeded.
     ttft_p50_ms: float | None
     ttft_p99_ms: float | None
-    itl_p50_ms: float | None
+    itl_p50_ms: float | None  # gaps between content chunks
     itl_p99_ms: float | None
+    # Time per output token after the first: (mean E2E - mean TTFT) / (max_tokens - 1),
+    # exact for means, and immune to chunk coalescing.
+    tpot_mean_ms: float | None
     e2e_p50_ms: float | None
     e2e_p99_ms: float | None
     load_average_1m: float  # at the start of the point: other work on the box
@@ -373,9 +379,16 @@ def _ms(stats: Any, attr: str) -> float | None:
 
 
 def point_result(
-    setup: str, prompt_tokens: int, concurrency: int, result: LoadResult, load_1m: float
+    setup: str,
+    prompt_tokens: int,
+    concurrency: int,
+    max_tokens: int,
+    result: LoadResult,
+    load_1m: float,
 ) -> PointResult:
-    tokens = result.content_events_per_request
+    tpot = None
+    if result.e2e is not None and result.ttft is not None and max_tokens > 1:
+        tpot = (result.e2e.mean - result.ttft.mean) / (max_tokens - 1) * 1000.0
     return PointResult(
         setup=setup,
         prompt_tokens=prompt_tokens,
@@ -385,12 +398,13 @@ def point_result(
         errors=result.errors,
         wall_s=result.wall_s,
         requests_per_s=result.requests_per_s,
-        output_tokens_per_s=result.ok * tokens / result.wall_s if result.wall_s > 0 else 0.0,
-        tokens_per_request=tokens,
+        output_tokens_per_s=result.ok * max_tokens / result.wall_s if result.wall_s > 0 else 0.0,
+        chunks_per_request=result.content_events_per_request,
         ttft_p50_ms=_ms(result.ttft, "p50"),
         ttft_p99_ms=_ms(result.ttft, "p99"),
         itl_p50_ms=_ms(result.itl, "p50"),
         itl_p99_ms=_ms(result.itl, "p99"),
+        tpot_mean_ms=tpot,
         e2e_p50_ms=_ms(result.e2e, "p50"),
         e2e_p99_ms=_ms(result.e2e, "p99"),
         load_average_1m=load_1m,
@@ -438,7 +452,9 @@ def measure(
             load_1m = os.getloadavg()[0]
             spec = load_spec(service.url, prompts[prompt_tokens], concurrency, args)
             result = uvloop.run(run_load(spec))
-            results.append(point_result(setup, prompt_tokens, concurrency, result, load_1m))
+            results.append(
+                point_result(setup, prompt_tokens, concurrency, args.max_tokens, result, load_1m)
+            )
             for process in watched:
                 if process.process.poll() is not None:
                     raise BenchError(
@@ -631,7 +647,8 @@ def format_table(report: dict[str, Any]) -> str:
 
     header = (
         f"{'setup':<10} {'prompt':>6} {'conc':>4} {'reqs':>5} {'err':>4} "
-        f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'E2E p50':>8} "
+        f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'TPOT':>6} "
+        f"{'E2E p50':>8} "
         f"{'req/s':>7} {'tok/s':>7}"
     )
     config = report["config"]
@@ -639,6 +656,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"model: {config['model']}  max_tokens {config['max_tokens']}  stream, ignore_eos, "
         "prefix caching off; latencies in ms",
+        "ITL = gap between SSE chunks; TPOT = mean time per output token after the first",
         f"cores: prefill {cores['prefill']}, decode {cores['decode']}, "
         f"aggregated {cores['aggregated']}; aggregated phase: {config['aggregated_phase']}",
         header,
@@ -654,8 +672,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{run['requests']:>5} {run['errors']:>4} "
             f"{num(run['ttft_p50_ms']):>9} {num(run['ttft_p99_ms']):>9} "
             f"{num(run['itl_p50_ms']):>8} {num(run['itl_p99_ms']):>8} "
-            f"{num(run['e2e_p50_ms']):>8} {num(run['requests_per_s'], 2):>7} "
-            f"{num(run['output_tokens_per_s']):>7}"
+            f"{num(run['tpot_mean_ms']):>6} {num(run['e2e_p50_ms']):>8} "
+            f"{num(run['requests_per_s'], 2):>7} {num(run['output_tokens_per_s']):>7}"
         )
     check = report["pd_check"]
     if check:

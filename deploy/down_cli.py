@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=180.0,
-        help="seconds to wait for the teardown (default 180)",
+        default=300.0,
+        help="seconds to wait for the teardown (default 300)",
     )
 
 

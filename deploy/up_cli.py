@@ -327,6 +327,7 @@ class _Session:
         if self.controller is not None:
             try:
                 ray.get(self.controller.shutdown.remote(), timeout=180)
+                self.progress("stopping", "instances and proxy stopped")
             except Exception as exc:
                 print(
                     f"pdserve up: controller shutdown failed: {_first_line(exc)}", file=sys.stderr
@@ -336,6 +337,8 @@ class _Session:
             self.controller = None
         kill_recorded_workers(self.directory)
         ray.shutdown()
+        if self.started_ray:
+            self.progress("stopping", "local Ray cluster stopped")
         clear_state(self.directory)
 
     def _call(self, ref: Any, timeout_s: float) -> Any:

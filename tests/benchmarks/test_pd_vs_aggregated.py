@@ -98,7 +98,9 @@ def test_prompt_longer_than_the_model_is_refused(tmp_path: Path) -> None:
         bench.check_args(_args("--model", str(tmp_path), "--prompt-tokens", "64,512"))
     bench.check_args(_args("--model", str(tmp_path), "--prompt-tokens", "64,200"))
     with pytest.raises(CliError, match="--max-model-len"):
-        bench.check_args(_args("--model", str(tmp_path), "--prompt-tokens", "200", "--max-model-len", "210"))  # fmt: skip
+        bench.check_args(
+            _args("--model", str(tmp_path), "--prompt-tokens", "200", "--max-model-len", "210")
+        )
 
 
 def test_max_model_len_covers_the_longest_request() -> None:
@@ -132,9 +134,9 @@ def test_prompts_have_exact_token_lengths(tiny_model: Path) -> None:
 def _point(setup: str, prompt: int, conc: int, ttft: float, itl: float, rps: float) -> Any:
     return bench.PointResult(
         setup=setup, prompt_tokens=prompt, concurrency=conc, requests=10, ok=10, errors=0,
-        wall_s=5.0, requests_per_s=rps, output_tokens_per_s=rps * 32, tokens_per_request=32,
+        wall_s=5.0, requests_per_s=rps, output_tokens_per_s=rps * 32, chunks_per_request=30,
         ttft_p50_ms=ttft, ttft_p99_ms=ttft * 2, itl_p50_ms=itl, itl_p99_ms=itl * 3,
-        e2e_p50_ms=ttft + 31 * itl, e2e_p99_ms=None, load_average_1m=3.0,
+        tpot_mean_ms=itl * 1.1, e2e_p50_ms=ttft + 31 * itl, e2e_p99_ms=None, load_average_1m=3.0,
     )  # fmt: skip
 
 
@@ -175,14 +177,14 @@ def test_compare_and_table() -> None:
     table = bench.format_table(report)
     lines = table.splitlines()
     header = next(line for line in lines if line.startswith("setup"))
-    for column in ("TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "req/s"):
+    for column in ("TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "TPOT", "E2E p50", "req/s"):
         assert column in header
     rows_text = [line.split() for line in lines if line.startswith(("pd ", "aggregated "))]
     # Sorted by point, PD first within a point.
     assert [(r[0], r[1], r[2]) for r in rows_text] == [
         ("pd", "64", "1"), ("aggregated", "64", "1"), ("pd", "512", "4"),
     ]  # fmt: skip
-    assert rows_text[0][5:10] == ["20.0", "40.0", "5.0", "15.0", "175.0"]
+    assert rows_text[0][5:11] == ["20.0", "40.0", "5.0", "15.0", "5.5", "175.0"]
     assert "ran alone" in table
     assert "PD path check: ok" in table
     assert "indicative" in table
@@ -398,7 +400,10 @@ def test_short_real_run_writes_the_report(tmp_path: Path) -> None:
     assert points == {(s, p, c) for s in ("pd", "aggregated") for p in (64, 512) for c in (1, 2)}
     for run in report["runs"]:
         assert run["ok"] > 0 and run["errors"] == 0, run
-        assert run["tokens_per_request"] == 8  # ignore_eos: every stream has all its tokens
+        # ignore_eos: every stream has all its tokens, in at most one chunk each.
+        assert 1 <= run["chunks_per_request"] <= 8
+        assert run["output_tokens_per_s"] == pytest.approx(run["ok"] * 8 / run["wall_s"])
+        assert run["tpot_mean_ms"] > 0
         assert 0 < run["ttft_p50_ms"] <= run["e2e_p50_ms"]
         assert 0 < run["itl_p50_ms"] <= run["itl_p99_ms"]
     assert len(report["comparison"]) == 4
