@@ -495,7 +495,10 @@ def pd_check(proxy: Started, prefill: Started, decode: Started) -> dict[str, Any
         "prefill_kv_transfer_bytes": metric_sum(prefill.url, "pdserve_kv_transfer_bytes_total"),
     }
     moved = max(check["decode_kv_transfer_bytes"] or 0.0, check["prefill_kv_transfer_bytes"] or 0.0)
-    check["ok"] = bool(counts["disaggregated"]) and not counts["fallback"] and moved > 0
+    # "aggregated" (prompt under disagg_min_prompt_tokens) and "fallback" (no healthy prefill
+    # instance) both skip the prefill leg: either means the PD figures are not pure PD.
+    skipped = (counts["aggregated"] or 0.0) + (counts["fallback"] or 0.0)
+    check["ok"] = bool(counts["disaggregated"]) and not skipped and moved > 0
     return check
 
 

@@ -243,9 +243,12 @@ async def test_pd_check_reads_paths_and_transfer_bytes() -> None:
     assert check["ok"] is False
 
 
-async def test_pd_check_ok_when_all_disaggregated_and_kv_moved() -> None:
-    proxy = await _metrics_server(_PROXY_METRICS.replace('path="fallback"', 'path="disaggregated"'))
-    decode = await _metrics_server(_DECODE_METRICS)
+@pytest.mark.parametrize(
+    ("other_path", "ok"), [("disaggregated", True), ("aggregated", False), ("fallback", False)]
+)
+async def test_pd_check_ok_only_when_all_disaggregated(other_path: str, ok: bool) -> None:
+    text = _PROXY_METRICS.replace('path="fallback"', f'path="{other_path}"')
+    proxy, decode = await _metrics_server(text), await _metrics_server(_DECODE_METRICS)
     try:
         check = await asyncio.to_thread(
             bench.pd_check, _started("proxy", proxy), _started("p", decode), _started("d", decode)
@@ -253,7 +256,21 @@ async def test_pd_check_ok_when_all_disaggregated_and_kv_moved() -> None:
     finally:
         await proxy.cleanup()
         await decode.cleanup()
-    assert check["ok"] is True
+    assert check["ok"] is ok
+
+
+async def test_pd_check_needs_kv_bytes() -> None:
+    text = _PROXY_METRICS.replace('path="fallback"', 'path="disaggregated"')
+    proxy, empty = await _metrics_server(text), await _metrics_server("")
+    try:
+        check = await asyncio.to_thread(
+            bench.pd_check, _started("proxy", proxy), _started("p", empty), _started("d", empty)
+        )
+    finally:
+        await proxy.cleanup()
+        await empty.cleanup()
+    assert check["decode_kv_transfer_bytes"] is None
+    assert check["ok"] is False
 
 
 # -- process clean-up -------------------------------------------------------------------------
