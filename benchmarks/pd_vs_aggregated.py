@@ -69,19 +69,6 @@ _PROMPT_TEXT = (
     "to another, step by step, in simple words. "
 )
 
-# `pdserve proxy ARGS` through proxy.cli alone: the whole `pdserve` parser imports every
-# subcommand module, and one being edited elsewhere must not stop this benchmark.
-_PROXY_LAUNCHER = """
-import argparse, sys
-import proxy.cli
-from deploy.cli import CliError
-parser = argparse.ArgumentParser(prog="pdserve proxy")
-proxy.cli.add_arguments(parser)
-try:
-    sys.exit(proxy.cli.run(parser.parse_args()))
-except CliError as exc:
-    sys.exit(f"pdserve proxy: {exc}")
-"""
 # Only what the flags cannot say: no admin listener, so no fixed port to collide on.
 _PROXY_CONFIG = "proxy:\n  admin:\n    port: null\n"
 
@@ -268,7 +255,7 @@ def start_proxy(processes: ProcessSet, prefill: Started, decode: Started) -> Sta
     port = free_port()
     config = processes.log_dir / "proxy.yaml"
     config.write_text(_PROXY_CONFIG)
-    argv = [sys.executable, "-c", _PROXY_LAUNCHER, "--config", str(config)]
+    argv = [sys.executable, "-m", "deploy.cli", "proxy", "--config", str(config)]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     argv += ["--prefill", prefill.url, "--decode", decode.url]
     log_path = processes.log_dir / "proxy.log"

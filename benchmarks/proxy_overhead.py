@@ -484,26 +484,12 @@ def fake_worker_argv(role: str, port: int, args: argparse.Namespace) -> list[str
 def proxy_argv(
     port: int, prefill_url: str, decode_url: str, config_path: Path, args: argparse.Namespace
 ) -> list[str]:
-    argv = [sys.executable, "-c", _PROXY_LAUNCHER, "--config", str(config_path)]
+    argv = [sys.executable, "-m", "deploy.cli", "proxy", "--config", str(config_path)]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     argv += ["--prefill", prefill_url, "--decode", decode_url]
     argv += ["--prefill-policy", args.prefill_policy, "--decode-policy", args.decode_policy]
     return argv
 
-
-# `pdserve proxy ARGS`, but through proxy.cli alone: building the whole `pdserve` parser
-# imports every subcommand module, and a broken one elsewhere must not stop this benchmark.
-_PROXY_LAUNCHER = """
-import argparse, sys
-import proxy.cli
-from deploy.cli import CliError
-parser = argparse.ArgumentParser(prog="pdserve proxy")
-proxy.cli.add_arguments(parser)
-try:
-    sys.exit(proxy.cli.run(parser.parse_args()))
-except CliError as exc:
-    sys.exit(f"pdserve proxy: {exc}")
-"""
 
 # Only what the flags cannot say: no admin listener (no fixed port to collide on).
 _PROXY_CONFIG = "proxy:\n  admin:\n    port: null\n"

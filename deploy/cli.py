@@ -61,4 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: subcommands raise deploy.cli.CliError,
+    # which would otherwise be a different class from the one main() catches here.
+    from deploy.cli import main as _main
+
+    sys.exit(_main())

@@ -78,13 +78,20 @@ def clear_state(directory: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; an exited process its parent has not reaped yet (a zombie)
+    counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill(0)
+    # Field 3, after the parenthesised command name (which may itself contain spaces).
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def kill_recorded_workers(directory: Path) -> None:

@@ -1,11 +1,12 @@
-"""Helpers for the end-to-end PD tests: exact-length prompts, requests, transfer accounting."""
+"""Helpers for the end-to-end PD tests: exact-length prompts and OpenAI requests.
+
+KV transfer accounting (``block_bytes``, ``blocks_to_pull``) and the /metrics readers live in
+tests/engine_support.py, shared with the connector's real-engine tests.
+"""
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,42 +195,3 @@ def assert_same_generation(pd: Generation, reference: Generation) -> None:
     )
     assert pd.text == reference.text
     assert pd.finish_reason == reference.finish_reason
-
-
-def block_bytes(model_dir: Path, block_size: int, elem_size: int = 4) -> int:
-    """KV bytes of one block over all layers (float32 cache, CPU layout [H, bs, 2*D])."""
-    config = json.loads((model_dir / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return (
-        config["num_hidden_layers"]
-        * config["num_key_value_heads"]
-        * block_size
-        * 2
-        * head_dim
-        * elem_size
-    )
-
-
-def blocks_to_pull(prompt_tokens: int, block_size: int, cached_full_blocks: int = 0) -> int:
-    """Blocks a decode instance must pull: the prompt's blocks minus its own prefix-cache hit.
-
-    vLLM never serves the last prompt token from cache (it must compute its logits), so the
-    local hit is at most ``(prompt_tokens - 1) // block_size`` blocks.
-    """
-    hit = min(cached_full_blocks, (prompt_tokens - 1) // block_size)
-    return math.ceil(prompt_tokens / block_size) - hit
-
-
-def counter(server: Any, name: str) -> float:
-    value = server.metric(name)
-    return 0.0 if value is None else float(value)
-
-
-def wait_for_counter(server: Any, name: str, expected: float, timeout_s: float = 15.0) -> float:
-    """Poll ``name`` until it reaches ``expected`` (stats reach /metrics a step or two late)."""
-    deadline = time.monotonic() + timeout_s
-    value = counter(server, name)
-    while value < expected and time.monotonic() < deadline:
-        time.sleep(0.25)
-        value = counter(server, name)
-    return value

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
+from engine_support import PDDeployment, block_bytes, blocks_to_pull
 from pd_support import (
     Generation,
     acomplete,
     assert_same_generation,
-    block_bytes,
-    blocks_to_pull,
     chat,
     complete,
-    counter,
     load_tokenizer,
     prompt_with_tokens,
     token_count,
-    wait_for_counter,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -38,11 +34,11 @@ MAX_TOKENS = 24
 class PulledBytes:
     """Measures what the decode worker pulled during a block of requests."""
 
-    deployment: Any  # conftest.PDDeployment
+    deployment: PDDeployment
     before: float = 0.0
 
     def __enter__(self) -> PulledBytes:
-        self.before = counter(self.deployment.decode, BYTES)
+        self.before = self.deployment.decode.counter(BYTES)
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -51,7 +47,7 @@ class PulledBytes:
     def expect_blocks(self, blocks: int) -> None:
         per_block = block_bytes(self.deployment.model_dir, self.deployment.block_size)
         expected = self.before + blocks * per_block
-        got = wait_for_counter(self.deployment.decode, BYTES, expected)
+        got = self.deployment.decode.wait_for_counter(BYTES, expected)
         assert got == expected, (
             f"decode pulled {(got - self.before) / per_block:.2f} blocks, expected {blocks}"
         )
@@ -67,7 +63,7 @@ PROMPT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(PROMPT_CASES))
-def test_prompt_lengths_match_aggregated(real_pd, case: str) -> None:
+def test_prompt_lengths_match_aggregated(real_pd: PDDeployment, case: str) -> None:
     tokenizer = load_tokenizer(real_pd.model_dir)
     n_tokens = PROMPT_CASES[case](real_pd.block_size)
     prompt = prompt_with_tokens(tokenizer, n_tokens, seed=list(PROMPT_CASES).index(case) + 1)
@@ -82,7 +78,7 @@ def test_prompt_lengths_match_aggregated(real_pd, case: str) -> None:
     assert_same_generation(result, reference)
 
 
-def test_streaming_completion_matches(real_pd) -> None:
+def test_streaming_completion_matches(real_pd: PDDeployment) -> None:
     tokenizer = load_tokenizer(real_pd.model_dir)
     n_tokens = 3 * real_pd.block_size + 7
     prompt = prompt_with_tokens(tokenizer, n_tokens, seed=101)
@@ -95,7 +91,7 @@ def test_streaming_completion_matches(real_pd) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non_stream", "stream"])
-def test_chat_matches(real_pd, stream: bool) -> None:
+def test_chat_matches(real_pd: PDDeployment, stream: bool) -> None:
     tokenizer = load_tokenizer(real_pd.model_dir)
     question = prompt_with_tokens(tokenizer, 90, seed=202 + int(stream))
     messages = [
@@ -110,7 +106,7 @@ def test_chat_matches(real_pd, stream: bool) -> None:
     assert_same_generation(result, reference)
 
 
-def test_sixteen_concurrent_requests(real_pd) -> None:
+def test_sixteen_concurrent_requests(real_pd: PDDeployment) -> None:
     tokenizer = load_tokenizer(real_pd.model_dir)
     bs = real_pd.block_size
     lengths = [bs // 4 + i * (bs // 2 + 5) for i in range(16)]  # 9 .. ~600 tokens
@@ -135,14 +131,14 @@ def test_sixteen_concurrent_requests(real_pd) -> None:
         assert result.text == reference.text, f"request {index} differs"
 
 
-def test_repeated_prompt_with_prefix_caching(real_pd) -> None:
+def test_repeated_prompt_with_prefix_caching(real_pd: PDDeployment) -> None:
     """The second time, P and D both hit their prefix caches; D pulls only the last block."""
     tokenizer = load_tokenizer(real_pd.model_dir)
     bs = real_pd.block_size
     n_tokens = 5 * bs + 9
     prompt = prompt_with_tokens(tokenizer, n_tokens, seed=404)
     reference = complete(real_pd.aggregated.url, prompt, max_tokens=MAX_TOKENS)
-    hits_before = counter(real_pd.decode, "vllm:prefix_cache_hits_total")
+    hits_before = real_pd.decode.counter("vllm:prefix_cache_hits_total")
     with PulledBytes(real_pd) as pulled:
         first = complete(real_pd.proxy.url, prompt, max_tokens=MAX_TOKENS)
         pulled.expect_blocks(blocks_to_pull(n_tokens, bs))
@@ -152,11 +148,11 @@ def test_repeated_prompt_with_prefix_caching(real_pd) -> None:
         pulled.expect_blocks(blocks_to_pull(n_tokens, bs, cached_full_blocks=n_tokens // bs))
     assert_same_generation(first, reference)
     assert_same_generation(second, reference)
-    hits = counter(real_pd.decode, "vllm:prefix_cache_hits_total") - hits_before
+    hits = real_pd.decode.counter("vllm:prefix_cache_hits_total") - hits_before
     assert hits >= (n_tokens // bs) * bs, "decode did not reuse its prefix cache"
 
 
-def test_decode_already_holds_part_of_the_prompt(real_pd) -> None:
+def test_decode_already_holds_part_of_the_prompt(real_pd: PDDeployment) -> None:
     """D computed a shared prefix itself; for the longer prompt it pulls only the rest."""
     tokenizer = load_tokenizer(real_pd.model_dir)
     bs = real_pd.block_size

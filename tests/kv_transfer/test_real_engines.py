@@ -1,8 +1,13 @@
 """Real vLLM CPU engines hand off KV through the connector (direct HTTP, no proxy).
 
-The request bodies are the ones the proxy sends: a prefill leg with max_tokens 1,
-stream false and ``kv_transfer_params: {"do_remote_decode": true}``, then the
-original request to the decode engine with the params the prefill returned.
+The engines are the session's shared ones (tests/conftest.py ``real_engines``, settings in
+tests/engine_support.py): block size 32, float32, a 12 s lease, and a decode worker that
+recomputes when a pull fails. The request bodies are the ones the proxy sends: a prefill leg
+with max_tokens 1, stream false and ``kv_transfer_params: {"do_remote_decode": true}``, then
+the original request to the decode engine with the params the prefill returned.
+
+Every test leaves the prefill worker holding no blocks (waiting for the lease where it left a
+prefill un-pulled on purpose), as the end-to-end tests after it on the same engines expect.
 """
 
 from __future__ import annotations
@@ -10,18 +15,20 @@ from __future__ import annotations
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
-from kv_engines import BLOCK_SIZE, LEASE_S, MODEL_NAME, Engine, PDEngines
+from engine_support import ENGINE_BLOCK_SIZE as BLOCK_SIZE
+from engine_support import ENGINE_LEASE_S as LEASE_S
+from engine_support import MODEL_NAME, PDEngines, RunningServer, block_bytes
 
 from kv_transfer import wire
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 MAX_TOKENS = 12
-# Tiny model: 2 layers x [2 kv heads, 32 tokens, 2*32] float32 per block.
-BLOCK_BYTES_ALL_LAYERS = 2 * (2 * BLOCK_SIZE * 64 * 4)
+BYTES = "pdserve_kv_transfer_bytes_total"
 METRICS = (
     "pdserve_kv_transfer_bytes_total",
     "pdserve_kv_transfer_seconds_count",
@@ -47,11 +54,11 @@ def completion(prompt: list[int], max_tokens: int = MAX_TOKENS, **extra: Any) ->
     }
 
 
-def prefill_leg(prefill: Engine, body: dict[str, Any]) -> dict[str, Any]:
+def prefill_leg(prefill: RunningServer, body: dict[str, Any]) -> dict[str, Any]:
     leg = dict(body, max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
     if "messages" in body:
         leg["max_completion_tokens"] = 1
-    response = prefill.post(
+    response = prefill.post_json(
         "/v1/chat/completions" if "messages" in body else "/v1/completions", leg
     )
     params = response.get("kv_transfer_params")
@@ -59,9 +66,9 @@ def prefill_leg(prefill: Engine, body: dict[str, Any]) -> dict[str, Any]:
     return dict(params)
 
 
-def decode_leg(decode: Engine, body: dict[str, Any], params: dict[str, Any]) -> str:
+def decode_leg(decode: RunningServer, body: dict[str, Any], params: dict[str, Any]) -> str:
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-    response = decode.post(path, dict(body, kv_transfer_params=params))
+    response = decode.post_json(path, dict(body, kv_transfer_params=params))
     return text_of(response)
 
 
@@ -72,20 +79,21 @@ def text_of(response: dict[str, Any]) -> str:
 
 def aggregated(engines: PDEngines, body: dict[str, Any]) -> str:
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-    return text_of(engines.aggregated.post(path, body))
+    return text_of(engines.aggregated.post_json(path, body))
 
 
 def disaggregated(engines: PDEngines, body: dict[str, Any]) -> str:
     return decode_leg(engines.decode, body, prefill_leg(engines.prefill, body))
 
 
-def wait_blocks_released(prefill: Engine, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if prefill.metric("pdserve_kv_blocks_held") == 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"prefill still holds {prefill.metric('pdserve_kv_blocks_held')} blocks")
+def assert_pulled_blocks(
+    decode: RunningServer, bytes_before: float, blocks: int, model_dir: Path
+) -> None:
+    """The decode worker's transfer counter grew by exactly ``blocks`` blocks."""
+    per_block = block_bytes(model_dir, BLOCK_SIZE)
+    expected = bytes_before + blocks * per_block
+    got = decode.wait_for_counter(BYTES, expected, timeout_s=10)
+    assert got == expected, f"decode pulled {(got - bytes_before) / per_block:.2f} blocks"
 
 
 @pytest.mark.parametrize(
@@ -93,34 +101,28 @@ def wait_blocks_released(prefill: Engine, timeout_s: float = 20.0) -> None:
     [20, BLOCK_SIZE, BLOCK_SIZE + 1, 8 * BLOCK_SIZE + 5],
     ids=["inside-first-block", "on-block-boundary", "one-past-boundary", "nine-blocks"],
 )
-def test_pd_output_is_token_identical_to_aggregated(pd_engines: PDEngines, num_tokens: int) -> None:
+def test_pd_output_is_token_identical_to_aggregated(
+    real_engines: PDEngines, tiny_model: Path, num_tokens: int
+) -> None:
     body = completion(prompt_of(num_tokens, salt=num_tokens))
-    expected = aggregated(pd_engines, body)
-    bytes_before = pd_engines.decode.metric("pdserve_kv_transfer_bytes_total")
-    assert disaggregated(pd_engines, body) == expected
+    expected = aggregated(real_engines, body)
+    bytes_before = real_engines.decode.counter(BYTES)
+    assert disaggregated(real_engines, body) == expected
+    real_engines.prefill.wait_blocks_released()
     blocks = -(-num_tokens // BLOCK_SIZE)
-    wait_blocks_released(pd_engines.prefill)
-    # Stats reach /metrics with the engine's next stats update; poll briefly.
-    deadline = time.monotonic() + 10
-    pulled = 0.0
-    while time.monotonic() < deadline:
-        pulled = pd_engines.decode.metric("pdserve_kv_transfer_bytes_total") - bytes_before
-        if pulled:
-            break
-        time.sleep(0.2)
-    assert pulled == blocks * BLOCK_BYTES_ALL_LAYERS
+    assert_pulled_blocks(real_engines.decode, bytes_before, blocks, tiny_model)
 
 
-def test_sixteen_concurrent_requests(pd_engines: PDEngines) -> None:
+def test_sixteen_concurrent_requests(real_engines: PDEngines) -> None:
     bodies = [completion(prompt_of(30 + 23 * i, salt=1000 + i)) for i in range(16)]
-    expected = [aggregated(pd_engines, b) for b in bodies]
+    expected = [aggregated(real_engines, b) for b in bodies]
     with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda b: disaggregated(pd_engines, b), bodies))
+        got = list(pool.map(lambda b: disaggregated(real_engines, b), bodies))
     assert got == expected
-    wait_blocks_released(pd_engines.prefill)
+    real_engines.prefill.wait_blocks_released()
 
 
-def test_chat_completion(pd_engines: PDEngines) -> None:
+def test_chat_completion(real_engines: PDEngines) -> None:
     body = {
         "model": MODEL_NAME,
         "messages": [
@@ -133,44 +135,38 @@ def test_chat_completion(pd_engines: PDEngines) -> None:
         "max_tokens": MAX_TOKENS,
         "temperature": 0,
     }
-    assert disaggregated(pd_engines, body) == aggregated(pd_engines, body)
-    wait_blocks_released(pd_engines.prefill)
+    assert disaggregated(real_engines, body) == aggregated(real_engines, body)
+    real_engines.prefill.wait_blocks_released()
 
 
-def test_decode_with_a_cached_prefix_pulls_only_the_rest(pd_engines: PDEngines) -> None:
+def test_decode_with_a_cached_prefix_pulls_only_the_rest(
+    real_engines: PDEngines, tiny_model: Path
+) -> None:
     shared = prompt_of(4 * BLOCK_SIZE, salt=77)
     # Warm the decode engine's prefix cache with the first four blocks.
-    pd_engines.decode.post("/v1/completions", completion(shared, max_tokens=1))
+    real_engines.decode.post_json("/v1/completions", completion(shared, max_tokens=1))
     body = completion(shared + prompt_of(100, salt=78))
-    expected = aggregated(pd_engines, body)
-    bytes_before = pd_engines.decode.metric("pdserve_kv_transfer_bytes_total")
-    assert disaggregated(pd_engines, body) == expected
-    wait_blocks_released(pd_engines.prefill)
-    deadline = time.monotonic() + 10
-    pulled = 0.0
-    while time.monotonic() < deadline and not pulled:
-        pulled = pd_engines.decode.metric("pdserve_kv_transfer_bytes_total") - bytes_before
-        time.sleep(0.2)
+    expected = aggregated(real_engines, body)
+    bytes_before = real_engines.decode.counter(BYTES)
+    assert disaggregated(real_engines, body) == expected
+    real_engines.prefill.wait_blocks_released()
     total_blocks = -(-(4 * BLOCK_SIZE + 100) // BLOCK_SIZE)
-    assert pulled == (total_blocks - 4) * BLOCK_BYTES_ALL_LAYERS
+    assert_pulled_blocks(real_engines.decode, bytes_before, total_blocks - 4, tiny_model)
 
 
-def test_unpulled_prefill_is_released_at_lease_expiry(pd_engines: PDEngines) -> None:
-    prefill = pd_engines.prefill
-    expired_before = prefill.metric("pdserve_kv_leases_expired_total")
+def test_unpulled_prefill_is_released_at_lease_expiry(real_engines: PDEngines) -> None:
+    prefill = real_engines.prefill
+    expired_before = prefill.counter("pdserve_kv_leases_expired_total")
     params = prefill_leg(prefill, completion(prompt_of(70, salt=5)))
     assert params["remote_blocks_expiry_time"] > time.time()
+    assert params["remote_blocks_expiry_time"] <= time.time() + LEASE_S + 1
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and prefill.metric("pdserve_kv_blocks_held") < 3:
+    while time.monotonic() < deadline and prefill.counter("pdserve_kv_blocks_held") < 3:
         time.sleep(0.2)
-    assert prefill.metric("pdserve_kv_blocks_held") >= 3
-    wait_blocks_released(prefill, timeout_s=LEASE_S + 20)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if prefill.metric("pdserve_kv_leases_expired_total") > expired_before:
-            break
-        time.sleep(0.2)
-    assert prefill.metric("pdserve_kv_leases_expired_total") == expired_before + 1
+    assert prefill.counter("pdserve_kv_blocks_held") >= 3
+    prefill.wait_blocks_released(timeout_s=LEASE_S + 20)
+    expired = prefill.wait_for_counter("pdserve_kv_leases_expired_total", expired_before + 1, 10)
+    assert expired == expired_before + 1
 
 
 def _dead_port() -> int:
@@ -179,29 +175,28 @@ def _dead_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_decode_pointing_at_a_dead_prefill_recomputes(pd_engines: PDEngines) -> None:
+def test_decode_pointing_at_a_dead_prefill_recomputes(real_engines: PDEngines) -> None:
     """The decode engine runs kv_load_failure_policy=recompute: same output, no hang."""
     body = completion(prompt_of(90, salt=9))
-    expected = aggregated(pd_engines, body)
-    params = prefill_leg(pd_engines.prefill, body)
+    expected = aggregated(real_engines, body)
+    params = prefill_leg(real_engines.prefill, body)
     params["remote_port"] = _dead_port()
-    failures_before = pd_engines.decode.metric("pdserve_kv_transfer_failures_total")
+    failures_before = real_engines.decode.counter("pdserve_kv_transfer_failures_total")
     started = time.monotonic()
-    assert decode_leg(pd_engines.decode, body, params) == expected
+    assert decode_leg(real_engines.decode, body, params) == expected
     assert time.monotonic() - started < 60
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if pd_engines.decode.metric("pdserve_kv_transfer_failures_total") > failures_before:
-            break
-        time.sleep(0.2)
-    assert pd_engines.decode.metric("pdserve_kv_transfer_failures_total") > failures_before
+    failures = real_engines.decode.wait_for_counter(
+        "pdserve_kv_transfer_failures_total", failures_before + 1, timeout_s=10
+    )
+    assert failures > failures_before
     # Nobody can release the real prefill's blocks now; the lease does.
-    wait_blocks_released(pd_engines.prefill, timeout_s=LEASE_S + 20)
+    real_engines.prefill.wait_blocks_released(timeout_s=LEASE_S + 20)
 
 
-def test_wrong_secret_is_refused_and_serving_continues(pd_engines: PDEngines) -> None:
-    assert pd_engines.prefill.kv_port is not None
-    with socket.create_connection(("127.0.0.1", pd_engines.prefill.kv_port), timeout=10) as sock:
+def test_wrong_secret_is_refused_and_serving_continues(real_engines: PDEngines) -> None:
+    kv_port = real_engines.prefill.kv_port
+    assert kv_port is not None
+    with socket.create_connection(("127.0.0.1", kv_port), timeout=10) as sock:
         challenge = wire.recv_frame(sock)
         nonce = wire.new_nonce()
         wire.send_frame(
@@ -217,19 +212,19 @@ def test_wrong_secret_is_refused_and_serving_continues(pd_engines: PDEngines) ->
         reply = wire.recv_frame(sock)
     assert reply["op"] == "error" and reply["code"] == wire.ERR_AUTH
     body = completion(prompt_of(40, salt=11))
-    assert disaggregated(pd_engines, body) == aggregated(pd_engines, body)
-    wait_blocks_released(pd_engines.prefill)
+    assert disaggregated(real_engines, body) == aggregated(real_engines, body)
+    real_engines.prefill.wait_blocks_released()
 
 
-def test_transfer_metrics_are_on_both_workers_metrics(pd_engines: PDEngines) -> None:
+def test_transfer_metrics_are_on_both_workers_metrics(real_engines: PDEngines) -> None:
     body = completion(prompt_of(50, salt=12))
-    disaggregated(pd_engines, body)
-    wait_blocks_released(pd_engines.prefill)
-    for engine in (pd_engines.prefill, pd_engines.decode):
+    disaggregated(real_engines, body)
+    real_engines.prefill.wait_blocks_released()
+    for engine in (real_engines.prefill, real_engines.decode):
         text = engine.metrics_text()
         for name in METRICS:
             assert f'{name}{{engine="0",model_name="{MODEL_NAME}"}}' in text or (
                 name.endswith("_count") and name in text
             ), f"{name} missing on {engine.name}"
-    assert pd_engines.prefill.metric("pdserve_kv_transfer_bytes_total") > 0
-    assert pd_engines.decode.metric("pdserve_kv_transfer_seconds_count") > 0
+    assert real_engines.prefill.counter("pdserve_kv_transfer_bytes_total") > 0
+    assert real_engines.decode.counter("pdserve_kv_transfer_seconds_count") > 0

@@ -120,16 +120,6 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], log: P
     raise TimeoutError(f"{url} not up after {timeout_s}s: {log.read_text()[-3000:]}")
 
 
-# `pdserve proxy` without the other subcommands' imports (the proxy alone needs no vLLM).
-PROXY_MAIN = """
-import argparse, sys
-import proxy.cli as cli
-parser = argparse.ArgumentParser(prog="pdserve proxy")
-cli.add_arguments(parser)
-sys.exit(cli.run(parser.parse_args()))
-"""
-
-
 def _start_proxy(workdir: Path, prefill: list[str], decode: list[str]) -> tuple[str, Any]:
     port, admin_port = free_port(), free_port()
     config = {
@@ -148,7 +138,7 @@ def _start_proxy(workdir: Path, prefill: list[str], decode: list[str]) -> tuple[
     config_path = workdir / "proxy.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log = workdir / "proxy.log"
-    proc = _start([sys.executable, "-c", PROXY_MAIN, "--config", str(config_path)], log)
+    proc = _start([sys.executable, "-m", "deploy.cli", "proxy", "--config", str(config_path)], log)
     url = f"http://127.0.0.1:{port}"
     _wait_http(f"{url}/metrics", 90, proc, log)
     return url, proc

@@ -16,19 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-# Runs proxy.cli the way deploy/cli.py does, without importing every other subcommand.
-RUN_PROXY = (
-    "import argparse, sys\n"
-    "from deploy.cli import CliError\n"
-    "from proxy import cli\n"
-    "parser = argparse.ArgumentParser()\n"
-    "cli.add_arguments(parser)\n"
-    "try:\n"
-    "    sys.exit(cli.run(parser.parse_args(sys.argv[1:])))\n"
-    "except CliError as exc:\n"
-    "    print(f'pdserve proxy: {exc}', file=sys.stderr)\n"
-    "    sys.exit(2)\n"
-)
+PDSERVE = [sys.executable, "-m", "deploy.cli"]
 
 
 def free_port() -> int:
@@ -84,7 +72,7 @@ def test_proxy_process_serves_and_stops_on_sigterm(
             )
         )  # fmt: skip
     proxy = subprocess.Popen(
-        [sys.executable, "-c", RUN_PROXY,
+        [*PDSERVE, "proxy",
          "--prefill", f"http://127.0.0.1:{ports['prefill']}",
          "--decode", f"127.0.0.1:{ports['decode']}",
          "--port", str(ports["proxy"]), "--admin-port", str(ports["admin"])],
@@ -122,7 +110,7 @@ def test_bad_command_lines_are_one_line_and_exit_2(extra: list[str], expected: s
         busy.listen()
         argv = [a.replace("{busy}", str(busy.getsockname()[1])) for a in extra]
         result = subprocess.run(
-            [sys.executable, "-c", RUN_PROXY, "--admin-port", "0", *argv],
+            [*PDSERVE, "proxy", "--admin-port", "0", *argv],
             capture_output=True, timeout=60,
         )  # fmt: skip
     assert result.returncode == 2, result.stderr

@@ -1,0 +1,302 @@
+"""The session's real engines as tests see them, and the launcher behind tests/conftest.py.
+
+tests/conftest.py owns the fixtures; this module holds what both the fixtures and the tests
+import: the engines' shared settings, ``RunningServer`` (a started server with small HTTP and
+/metrics helpers), the launcher that guarantees no process outlives the session, and the KV
+accounting helpers the connector and end-to-end tests both check against.
+
+Every slow test that talks to an engine relies on these settings, so they are set once here:
+prefill and decode must agree on the block size; float32 keeps greedy decoding exact across
+batch shapes; the short lease lets the lease-expiry tests finish in seconds; and the decode
+worker recomputes when a pull fails (the dead-prefill test expects that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploy.worker_launch import port_is_free, wait_until_ready
+
+ENGINE_BLOCK_SIZE = 32
+ENGINE_DTYPE = "float32"
+MODEL_NAME = "tiny"
+KV_SECRET = "pdserve-test-secret"
+# Short enough that a test leaving an un-pulled prefill can wait for its expiry; long enough
+# that a decode pull queued behind 16 concurrent requests on a loaded machine still makes it.
+ENGINE_LEASE_S = 12.0
+KV_LOAD_FAILURE_POLICY = "recompute"
+ENGINE_START_TIMEOUT_S = 900.0
+PROCESS_GRACE_S = 30.0
+
+BLOCKS_HELD = "pdserve_kv_blocks_held"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the kernel's pick, so parallel sessions do not collide)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port_is_free(host, port):
+            return port
+
+
+@dataclass
+class RunningServer:
+    """A server the fixtures started: its URL, log and process (a pdserve command)."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    extra: dict[str, object] = field(default_factory=dict)
+    start_seconds: float = 0.0
+
+    @property
+    def kv_port(self) -> int | None:
+        """The KV block server's port (prefill workers only)."""
+        port = self.extra.get("kv_port")
+        return port if isinstance(port, int) else None
+
+    def get(self, path: str, timeout_s: float = 10.0) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as response:
+            body: bytes = response.read()
+            return body
+
+    def post_json(
+        self, path: str, body: dict[str, object], timeout_s: float = 300.0
+    ) -> dict[str, Any]:
+        """POST ``body``; an HTTP error fails the test with the server's error body."""
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                result: dict[str, Any] = json.loads(response.read())
+                return result
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:500]
+            raise AssertionError(f"{self.name} POST {path} -> {exc.code}: {detail!r}") from exc
+
+    def metrics_text(self) -> str:
+        return self.get("/metrics").decode()
+
+    def metric(self, name: str) -> float | None:
+        """Sum of all samples named ``name`` on /metrics (None if there is none)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total: float | None = None
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                if sample.name == name:
+                    total = (total or 0.0) + sample.value
+        return total
+
+    def counter(self, name: str) -> float:
+        """``metric(name)``, 0 if the server does not export it (yet)."""
+        value = self.metric(name)
+        return 0.0 if value is None else float(value)
+
+    def wait_for_counter(self, name: str, expected: float, timeout_s: float = 15.0) -> float:
+        """Poll ``name`` until it reaches ``expected`` (stats reach /metrics a step or two late);
+        return the last value seen."""
+        deadline = time.monotonic() + timeout_s
+        value = self.counter(name)
+        while value < expected and time.monotonic() < deadline:
+            time.sleep(0.25)
+            value = self.counter(name)
+        return value
+
+    def wait_blocks_released(self, timeout_s: float = 20.0) -> None:
+        """Wait until this prefill worker holds no KV blocks; fail the test if it still does."""
+        deadline = time.monotonic() + timeout_s
+        held = self.metric(BLOCKS_HELD)
+        while (held is None or held > 0) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            held = self.metric(BLOCKS_HELD)
+        assert held is not None, f"{self.name}'s /metrics has no {BLOCKS_HELD}"
+        assert held == 0, f"{self.name} still holds {held:.0f} KV blocks after {timeout_s:.0f} s"
+
+    def server_group(self) -> int | None:
+        """The process group of the vLLM server the command started (its child)."""
+        for child in _children(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                return os.getpgid(child)
+        return None
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.is_file():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class PDEngines:
+    """The session's three engines: KV producer, KV consumer and the connector-less baseline."""
+
+    prefill: RunningServer
+    decode: RunningServer
+    aggregated: RunningServer
+
+
+@dataclass(frozen=True)
+class PDDeployment:
+    """1P1D behind the proxy, plus the aggregated engine to compare with."""
+
+    proxy: RunningServer
+    prefill: RunningServer
+    decode: RunningServer
+    aggregated: RunningServer
+    model_dir: Path
+    block_size: int
+    model: str = MODEL_NAME
+
+
+def block_bytes(model_dir: Path, block_size: int, elem_size: int = 4) -> int:
+    """KV bytes of one block over all layers (float32 cache, CPU layout [H, bs, 2*D])."""
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return (
+        config["num_hidden_layers"]
+        * config["num_key_value_heads"]
+        * block_size
+        * 2
+        * head_dim
+        * elem_size
+    )
+
+
+def blocks_to_pull(prompt_tokens: int, block_size: int, cached_full_blocks: int = 0) -> int:
+    """Blocks a decode instance must pull: the prompt's blocks minus its own prefix-cache hit.
+
+    vLLM never serves the last prompt token from cache (it must compute its logits), so the
+    local hit is at most ``(prompt_tokens - 1) // block_size`` blocks.
+    """
+    hit = min(cached_full_blocks, (prompt_tokens - 1) // block_size)
+    return math.ceil(prompt_tokens / block_size) - hit
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(part) for part in path.read_text().split()]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class ServerStartError(RuntimeError):
+    """A server exited or did not answer in time; the message ends with its log."""
+
+
+class ServerLauncher:
+    """Starts commands in their own session and guarantees they are gone at the end.
+
+    ``launch`` returns at once; ``wait_ready`` blocks until the server answers. Launch all the
+    servers you need before waiting for any, and they boot side by side.
+    """
+
+    def __init__(self, log_dir: Path, timings: dict[str, float]) -> None:
+        self.log_dir = log_dir
+        self.timings = timings
+        self._servers: list[RunningServer] = []
+        self._groups: dict[str, int] = {}
+
+    def launch(self, name: str, argv: list[str], url: str, **extra: object) -> RunningServer:
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        server = RunningServer(name=name, url=url, proc=proc, log_path=log_path, extra=extra)
+        server.start_seconds = time.monotonic()
+        self._servers.append(server)
+        return server
+
+    def wait_ready(self, server: RunningServer, probe: str = "/v1/models") -> RunningServer:
+        """Block until ``server`` answers ``probe``; record how long its start took."""
+        if server.name in self.timings:
+            return server
+        try:
+            _wait_http(server, probe, ENGINE_START_TIMEOUT_S)
+        except (RuntimeError, TimeoutError) as exc:
+            raise ServerStartError(
+                f"{server.name} did not start: {exc}\n{server.log_tail()}"
+            ) from exc
+        self.timings[server.name] = time.monotonic() - server.start_seconds
+        group = server.server_group()
+        if group is not None:
+            self._groups[server.name] = group
+        return server
+
+    def stop_all(self) -> list[str]:
+        """SIGTERM every command at once, then reap each; return the problems found."""
+        servers = list(reversed(self._servers))
+        self._servers.clear()
+        groups = {s.name: self._groups.get(s.name) or s.server_group() for s in servers}
+        for server in servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.proc.pid, signal.SIGTERM)
+        problems: list[str] = []
+        for server in servers:
+            problems += self._reap(server, groups[server.name])
+        return problems
+
+    def _reap(self, server: RunningServer, group: int | None) -> list[str]:
+        problems: list[str] = []
+        try:
+            server.proc.wait(timeout=PROCESS_GRACE_S + 10)
+        except subprocess.TimeoutExpired:
+            problems.append(f"{server.name}: did not exit within {PROCESS_GRACE_S + 10:.0f} s")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+        if group is not None:
+            deadline = time.monotonic() + 5.0
+            while _group_alive(group) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _group_alive(group):
+                problems.append(f"{server.name}: processes of group {group} outlived SIGTERM")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
+        if server.proc.returncode not in (0, -signal.SIGTERM):
+            problems.append(f"{server.name}: exit status {server.proc.returncode}")
+        return problems
+
+
+def _wait_http(server: RunningServer, probe: str, timeout_s: float) -> None:
+    if probe == "/v1/models":
+        wait_until_ready(server.url, timeout_s, proc=server.proc, log_path=server.log_path)
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"exited with status {server.proc.returncode}")
+        try:
+            server.get(probe, timeout_s=2.0)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{server.url}{probe} not answering after {timeout_s:.0f} s")
