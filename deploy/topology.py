@@ -15,7 +15,7 @@ from typing import Any, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from proxy.config import ProxyConfig
+from proxy.config import ProxyConfig, describe_validation_error
 
 DEFAULT_TINY_MODEL_DIR = Path("~/.cache/pdserve/tiny-llama")
 
@@ -227,17 +227,6 @@ class Topology(_Strict):
         return validate_topology(data, source="scale")
 
 
-def describe_error(exc: ValidationError) -> str:
-    """First error as ``dotted.field: message``, plus how many more there are."""
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {message}{more}"
-
-
 def validate_topology(data: Any, source: str = "topology") -> Topology:
     if data is None:
         data = {}
@@ -246,7 +235,7 @@ def validate_topology(data: Any, source: str = "topology") -> Topology:
     try:
         return Topology.model_validate(data)
     except ValidationError as exc:
-        raise TopologyError(f"{source}: {describe_error(exc)}") from None
+        raise TopologyError(f"{source}: {describe_validation_error(exc)}") from None
 
 
 def load_topology(path: str | Path | None) -> Topology:

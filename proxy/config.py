@@ -118,8 +118,11 @@ def load_proxy_config(path: str | Path) -> ProxyConfig:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """The first error as ``field.path: message`` (one line, for the CLI)."""
+    """The first error as ``dotted.field: message`` (one line, for the CLI), plus how many more."""
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(root)"
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
+    return f"{where}: {message}{more}"
