@@ -29,6 +29,8 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from kv_transfer import params as kvp
+
 ROLES = ("prefill", "decode")
 
 
@@ -64,6 +66,9 @@ class FakeWorker:
     model: str = "fake-model"
     tokens: int = 16  # output tokens when the request sets no max_tokens
     token_delay_s: float = 0.0
+    # Decode: the pdserve KV outcome reported in non-streamed answers to remote-prefill
+    # requests, as a pdserve decode worker does (None: say nothing, as stock vLLM does).
+    kv_outcome: str | None = None
     record: bool = True
     faults: Faults = field(default_factory=Faults)
     requests: list[RecordedRequest] = field(default_factory=list)
@@ -174,6 +179,8 @@ class FakeWorker:
             kv_out = self._kv_transfer_params(request_id)
             if self.record:
                 self.kv_issued.append(kv_out)
+        elif self.kv_outcome is not None and kv_in.get(kvp.DO_REMOTE_PREFILL):
+            kv_out = kvp.DecodeOutcome(self.kv_outcome).to_params()
         usage = {
             "prompt_tokens": _prompt_tokens(body, chat),
             "completion_tokens": count * n,

@@ -32,6 +32,8 @@ MIB = 1024 * 1024
 DEFAULT_SIZES_MIB = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_OUTPUT = Path("benchmarks/results/kv_transfer.json")
 SECRET = b"bench"
+# The options of the engine phase (benchmarks/kv_pull_wait.py) on this command line.
+ENGINE_PREFIX = "engine-"
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SO_SNDBUF/SO_RCVBUF of the connector's sockets (0 = kernel default)",
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON result path")
+    from benchmarks import kv_pull_wait
+
+    engine = parser.add_argument_group(
+        "pull wait on a computing prefill engine (benchmarks/kv_pull_wait.py)",
+        "real vLLM prefill and decode engines: pull wait p50/p99 idle and under full "
+        "prefills, and the decode's recompute count (must be 0); the JSON and PNG go next to "
+        "--output unless --engine-out-dir",
+    )
+    engine.add_argument(
+        "--engine", action="store_true", help="run this phase after the socket benchmark"
+    )
+    engine.add_argument(
+        "--engine-only", action="store_true", help="run only this phase, not the socket benchmark"
+    )
+    kv_pull_wait.add_arguments(engine, prefix=ENGINE_PREFIX)
 
 
 def _parse_sizes(text: str) -> list[float]:
@@ -331,6 +348,16 @@ class Bench:
 
 
 def run(args: argparse.Namespace) -> int:
+    status = 0 if args.engine_only else run_sockets(args)
+    if args.engine or args.engine_only:
+        from benchmarks import kv_pull_wait
+
+        print(flush=True)
+        status = max(status, kv_pull_wait.run_embedded(args, ENGINE_PREFIX, args.output.parent))
+    return status
+
+
+def run_sockets(args: argparse.Namespace) -> int:
     sizes = _parse_sizes(args.sizes_mib)
     if args.repeat < 1:
         raise CliError("--repeat must be at least 1")

@@ -4,11 +4,17 @@ The vLLM server runs as a child in its own process group. SIGTERM, SIGINT or SIG
 command stops the whole group (SIGTERM, then SIGKILL after ``--stop-grace-s``), so a supervisor
 that signals only this process leaves no engine processes behind. ``--vllm-args`` passes further
 arguments to vLLM unchanged.
+
+On CPU without ``--cpu-core`` the command claims free cores of this host
+(``deploy/core_claims.py``), so several workers on one machine do not fight over the same cores;
+when none is free, or another vLLM engine runs unpinned, it warns once and starts anyway.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import shlex
 import signal
@@ -17,6 +23,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from deploy import core_claims
 from deploy.cli import CliError
 from deploy.worker_launch import (
     ROLES,
@@ -49,7 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-core",
         default=None,
-        help="VLLM_CPU_OMP_THREADS_BIND value: a core (0), a range (0-3) or auto",
+        help="VLLM_CPU_OMP_THREADS_BIND value: a core (0), a range (0-3) or auto (vLLM's "
+        "choice); default: free cores no other pdserve worker on this host has claimed",
+    )
+    parser.add_argument(
+        "--cpu-cores-per-worker",
+        type=_positive_int,
+        default=None,
+        help="how many free cores to claim without --cpu-core (default: 1 on hosts with up to "
+        "4 cores, else half of them)",
     )
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache size in GiB")
     parser.add_argument("--block-size", type=int, default=128, help="KV block size in tokens")
@@ -62,7 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("PDSERVE_KV_SECRET", ""),
         help="shared secret of the KV transfer (default: $PDSERVE_KV_SECRET)",
     )
-    parser.add_argument("--lease-s", type=float, default=None, help="prefill block lease")
+    parser.add_argument(
+        "--lease-s",
+        type=float,
+        default=None,
+        help="prefill: how long finished requests' KV blocks are held when no decode instance "
+        "claims them (a decode renews its claim while the request waits in its queue)",
+    )
     parser.add_argument(
         "--kv-load-failure-policy", choices=("fail", "recompute"), default="recompute"
     )
@@ -85,6 +106,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help='extra vLLM arguments, appended last (shell syntax): --vllm-args="--seed 1"',
     )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# vLLM flags whose product is the number of engine processes on this host, each of which needs
+# its own '|'-separated core list in VLLM_CPU_OMP_THREADS_BIND.
+_RANK_FLAGS = {
+    "--tensor-parallel-size": "tp", "-tp": "tp",
+    "--pipeline-parallel-size": "pp", "-pp": "pp",
+    "--data-parallel-size": "dp", "-dp": "dp",
+}  # fmt: skip
+
+
+def local_ranks(extra_args: tuple[str, ...]) -> int:
+    """The number of vLLM ranks (TP x PP x DP) that ``extra_args`` ask for; 1 by default."""
+    sizes = {"tp": 1, "pp": 1, "dp": 1}
+    for i, arg in enumerate(extra_args):
+        name, sep, value = arg.partition("=")
+        if name not in _RANK_FLAGS:
+            continue
+        if not sep:
+            value = extra_args[i + 1] if i + 1 < len(extra_args) else ""
+        with contextlib.suppress(ValueError):  # vLLM reports a bad value itself
+            sizes[_RANK_FLAGS[name]] = max(1, int(value))
+    return sizes["tp"] * sizes["pp"] * sizes["dp"]
+
+
+def acquire_cores(
+    spec: WorkerSpec, cores_per_worker: int | None = None
+) -> tuple[WorkerSpec, core_claims.WorkerCores | None]:
+    """Claim ``spec``'s CPU cores (see ``deploy/core_claims.py``); GPU/NPU workers claim none.
+
+    Returns the spec to start (with the chosen cores when they were picked here) and the claim
+    to release once the server has exited.
+    """
+    if spec.device != "cpu":
+        return spec, None
+    cores = core_claims.acquire_worker_cores(
+        None if spec.cpu_core is None else str(spec.cpu_core),
+        inherited=os.environ.get(core_claims.BIND_ENV),
+        ranks=local_ranks(spec.extra_args),
+        cores_per_worker=cores_per_worker,
+    )
+    if cores.picked:
+        spec = dataclasses.replace(spec, cpu_core=cores.bind)
+    return spec, cores
 
 
 def spec_from_args(args: argparse.Namespace) -> WorkerSpec:
@@ -130,11 +202,18 @@ def run(args: argparse.Namespace) -> int:
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
 
+    spec, cores = acquire_cores(spec, args.cpu_cores_per_worker)
     previous = {signum: signal.signal(signum, request_stop) for signum in _STOP_SIGNALS}
     try:
-        proc = start_worker(spec, log_path=args.log_file, validate=False)
+        proc = start_worker(
+            spec,
+            log_path=args.log_file,
+            validate=False,
+            pass_fds=() if cores is None else cores.fds,
+        )
+        bound = f", cpu cores {cores.bind}" if cores is not None and cores.bind else ""
         print(
-            f"pdserve worker: {spec.role} starting at {spec.url} (pid {proc.pid})",
+            f"pdserve worker: {spec.role} starting at {spec.url} (pid {proc.pid}{bound})",
             file=sys.stderr,
             flush=True,
         )
@@ -145,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         status = proc.returncode
     finally:
+        if cores is not None:
+            cores.release()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if status != 0:

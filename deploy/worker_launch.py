@@ -92,8 +92,10 @@ class WorkerSpec:
     ``kv_port`` is where a prefill worker's block server listens (rank r of a TP group uses
     ``kv_port + r``); decode workers only dial out, but the port still goes into their config.
     ``cpu_core`` is the value of ``VLLM_CPU_OMP_THREADS_BIND`` (``0``, ``"0-3"``, ``"auto"``);
-    give every instance on a host its own cores. ``kv_cache_gib`` is the KV cache size: on CPU
-    ``VLLM_CPU_KVCACHE_SPACE``, on accelerators ``--kv-cache-memory-bytes``.
+    give every instance on a host its own cores (``pdserve worker`` claims free ones when it is
+    None, see ``deploy/core_claims.py``; None here leaves the choice to vLLM). ``kv_cache_gib``
+    is the KV cache size: on CPU ``VLLM_CPU_KVCACHE_SPACE``, on accelerators
+    ``--kv-cache-memory-bytes``.
     ``visible_devices`` restricts a GPU/NPU worker to some devices (``CUDA_VISIBLE_DEVICES`` /
     ``ASCEND_RT_VISIBLE_DEVICES``). ``extra_args`` are appended to vLLM's command line last, so
     they override anything set here. ``env`` adds or overrides environment variables.
@@ -281,12 +283,18 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def start_worker(
-    spec: WorkerSpec, log_path: Path | None = None, *, validate: bool = True
+    spec: WorkerSpec,
+    log_path: Path | None = None,
+    *,
+    validate: bool = True,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``spec``'s server in its own process group; stdout and stderr go to ``log_path``.
 
     With ``log_path=None`` the server writes to this process's stdout/stderr (the foreground
     ``pdserve worker`` command). The caller owns the process and must ``stop_worker`` it.
+    ``pass_fds`` are inherited by the server (``pdserve worker`` passes its core-claim locks,
+    so the claim lasts as long as the engine does).
     """
     if validate:
         validate_spec(spec)
@@ -304,6 +312,7 @@ def start_worker(
             stdout=log_file,
             stderr=subprocess.STDOUT if log_file is not None else None,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     finally:
         if log_file is not None:

@@ -11,8 +11,9 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kv_transfer import wire
 from kv_transfer.device import KVCacheAccess
@@ -20,6 +21,7 @@ from kv_transfer.device import KVCacheAccess
 logger = logging.getLogger(__name__)
 
 Endpoint = tuple[str, int]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,17 @@ class NoBytesReceived(wire.WireError):
 
 
 class BlockConnection:
-    """One authenticated connection to a block server."""
+    """One authenticated connection to a block server.
+
+    With a KV fingerprint it is a data connection (reads blocks); without one it is a control
+    connection, which may only renew and release leases.
+    """
 
     def __init__(
         self,
         endpoint: Endpoint,
         settings: ClientSettings,
-        fingerprint: wire.KVFingerprint,
+        fingerprint: wire.KVFingerprint | None,
     ) -> None:
         self.endpoint = endpoint
         self._settings = settings
@@ -52,6 +58,8 @@ class BlockConnection:
         except OSError as exc:
             raise wire.WireError(f"cannot connect to KV server {host}:{port}: {exc}") from exc
         self.sock = sock
+        # The server's bound on leases per renew frame (it says so in its welcome).
+        self.max_renewals = wire.MAX_RENEWALS_PER_FRAME
         try:
             wire.tune_socket(sock, settings.socket_buffer_bytes)
             wire.set_timeout(sock, settings.io_timeout_s)
@@ -60,23 +68,27 @@ class BlockConnection:
             sock.close()
             raise
 
-    def _handshake(self, fingerprint: wire.KVFingerprint) -> str:
+    def _handshake(self, fingerprint: wire.KVFingerprint | None) -> str:
         challenge = wire.expect(wire.recv_frame(self.sock), "challenge")
         server_nonce = challenge.get("nonce")
         if not isinstance(server_nonce, bytes):
             raise wire.WireError("server challenge carries no nonce")
         client_nonce = wire.new_nonce()
-        wire.send_frame(
-            self.sock,
-            {
-                "op": "hello",
-                "v": wire.PROTOCOL_VERSION,
-                "nonce": client_nonce,
-                "mac": wire.client_mac(self._settings.secret, server_nonce, client_nonce),
-                "fingerprint": fingerprint.to_wire(),
-            },
-        )
+        hello: dict[str, object] = {
+            "op": "hello",
+            "v": wire.PROTOCOL_VERSION,
+            "nonce": client_nonce,
+            "mac": wire.client_mac(self._settings.secret, server_nonce, client_nonce),
+        }
+        if fingerprint is None:
+            hello["mode"] = wire.MODE_CONTROL
+        else:
+            hello["fingerprint"] = fingerprint.to_wire()
+        wire.send_frame(self.sock, hello)
         welcome = wire.expect(wire.recv_frame(self.sock), "welcome")
+        limit = welcome.get("max_renewals")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            self.max_renewals = limit
         expected = wire.server_mac(self._settings.secret, server_nonce, client_nonce)
         if not wire.macs_equal(welcome.get("mac"), expected):
             raise wire.RemoteError(wire.ERR_AUTH, "server failed to prove the shared secret")
@@ -90,11 +102,13 @@ class BlockConnection:
         local_block_ids: Sequence[int],
         *,
         release: bool = False,
+        hold_token: str = "",
     ) -> int:
         """Read ``remote_block_ids`` of ``request_id`` into ``local_block_ids``; return bytes.
 
         With ``release`` the server frees the blocks once it has sent them, which
-        saves the separate release round trip.
+        saves the separate release round trip. ``hold_token`` (from the prefill's
+        kv_transfer_params) lets the server wait for a hold it has not registered yet.
         """
         if len(remote_block_ids) != len(local_block_ids):
             raise ValueError(
@@ -108,6 +122,7 @@ class BlockConnection:
                     "req": request_id,
                     "blocks": list(remote_block_ids),
                     "release": release,
+                    "hold": hold_token,
                 },
             )
             header = wire.expect(wire.recv_frame(self.sock), "data")
@@ -132,6 +147,20 @@ class BlockConnection:
         reply = wire.expect(wire.recv_frame(self.sock), "released")
         return bool(reply.get("known"))
 
+    def renew(self, request_ids: Sequence[str], extend_s: float) -> list[str]:
+        """Extend the leases of ``request_ids``; the server's state for each (LeaseState)."""
+        states: list[str] = []
+        step = self.max_renewals
+        for first in range(0, len(request_ids), step):
+            chunk = list(request_ids[first : first + step])
+            wire.send_frame(self.sock, {"op": "renew", "reqs": chunk, "extend_s": extend_s})
+            reply = wire.expect(wire.recv_frame(self.sock), "renewed")
+            answered = reply.get("states")
+            if not isinstance(answered, list) or len(answered) != len(chunk):
+                raise wire.WireError(f"renew answered {answered!r:.200} for {len(chunk)} leases")
+            states += [str(state) for state in answered]
+        return states
+
     def close(self) -> None:
         with contextlib.suppress(wire.WireError):
             wire.send_frame(self.sock, {"op": "bye"})
@@ -139,9 +168,10 @@ class BlockConnection:
 
 
 class BlockClient:
-    """Thread-safe pool of connections, one checkout per concurrent pull."""
+    """Thread-safe pool of connections, one checkout per concurrent pull or control call."""
 
-    def __init__(self, settings: ClientSettings, fingerprint: wire.KVFingerprint) -> None:
+    def __init__(self, settings: ClientSettings, fingerprint: wire.KVFingerprint | None) -> None:
+        """``fingerprint`` None makes a control-only client (renew and release, no reads)."""
         self._settings = settings
         self._fingerprint = fingerprint
         self._idle: dict[Endpoint, list[BlockConnection]] = {}
@@ -173,6 +203,7 @@ class BlockClient:
         local_block_ids: Sequence[int],
         *,
         release: bool = True,
+        hold_token: str = "",
     ) -> int:
         """Read the blocks; with ``release`` the server frees them once sent.
 
@@ -184,8 +215,9 @@ class BlockClient:
         try:
             try:
                 nbytes = conn.read_blocks(
-                    request_id, remote_block_ids, cache, local_block_ids, release=release
-                )
+                    request_id, remote_block_ids, cache, local_block_ids,
+                    release=release, hold_token=hold_token,
+                )  # fmt: skip
             except NoBytesReceived:
                 if not pooled:
                     raise
@@ -193,8 +225,9 @@ class BlockClient:
                 conn.sock.close()
                 conn = BlockConnection(endpoint, self._settings, self._fingerprint)
                 nbytes = conn.read_blocks(
-                    request_id, remote_block_ids, cache, local_block_ids, release=release
-                )
+                    request_id, remote_block_ids, cache, local_block_ids,
+                    release=release, hold_token=hold_token,
+                )  # fmt: skip
         except wire.RemoteError:
             # An error frame after the handshake leaves the connection in sync; keep it.
             if conn.sock.fileno() >= 0:
@@ -208,16 +241,25 @@ class BlockClient:
 
     def release(self, endpoint: Endpoint, request_id: str) -> bool:
         """Tell the server to free ``request_id``'s blocks without reading them."""
+        return self._control(endpoint, lambda conn: conn.release(request_id))
+
+    def renew(self, endpoint: Endpoint, request_ids: Sequence[str], extend_s: float) -> list[str]:
+        """Extend the leases of ``request_ids`` by ``extend_s`` from now; their states."""
+        return self._control(endpoint, lambda conn: conn.renew(request_ids, extend_s))
+
+    def _control(self, endpoint: Endpoint, call: Callable[[BlockConnection], T]) -> T:
+        """Run one small request/answer exchange, once more on a fresh connection if a
+        pooled one turned out stale (the exchange is idempotent)."""
         conn, pooled = self._checkout(endpoint)
         try:
             try:
-                known = conn.release(request_id)
+                result = call(conn)
             except wire.WireError:
                 if not pooled:
                     raise
                 conn.sock.close()
                 conn = BlockConnection(endpoint, self._settings, self._fingerprint)
-                known = conn.release(request_id)
+                result = call(conn)
         except wire.RemoteError:
             if conn.sock.fileno() >= 0:
                 self._checkin(conn)
@@ -226,7 +268,7 @@ class BlockClient:
             conn.sock.close()
             raise
         self._checkin(conn)
-        return known
+        return result
 
     def close(self) -> None:
         with self._lock:

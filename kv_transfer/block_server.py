@@ -3,7 +3,9 @@
 One thread accepts; each connection gets its own thread, so a slow, malformed
 or hostile connection only ever affects itself. A peer must authenticate and
 present a matching KV fingerprint before it may read; it may then read only
-blocks held for the request it names.
+blocks held for the request it names. A control connection (a decode engine's
+scheduler, which has no KV cache to fingerprint) authenticates the same way and
+may only renew claims on leases and release them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kv_transfer import wire
+from kv_transfer import params, wire
 from kv_transfer.device import KVCacheAccess
 from kv_transfer.leases import LeaseError, LeaseTable
 
@@ -35,7 +37,12 @@ class ServerSettings:
     handshake_timeout_s: float = 10.0
     idle_timeout_s: float = 600.0
     io_timeout_s: float = 30.0
-    unknown_request_wait_s: float = 2.0
+    # A read for a request whose hold has not reached the lease table: how long to wait for it
+    # when the read proves the hold was issued (a hold token), and when it does not.
+    pending_hold_wait_s: float = 30.0
+    unknown_request_wait_s: float = 0.0
+    max_renewals_per_frame: int = wire.MAX_RENEWALS_PER_FRAME
+    max_extend_s: float = params.MAX_LEASE_S
     socket_buffer_bytes: int = 4 * 1024 * 1024
     max_connections: int = 256
 
@@ -133,15 +140,18 @@ class BlockServer:
         try:
             wire.tune_socket(conn, self._settings.socket_buffer_bytes)
             wire.set_timeout(conn, self._settings.handshake_timeout_s)
-            if not self._handshake(conn, peer):
+            mode = self._handshake(conn, peer)
+            if mode is None:
                 return
             while not self._stopping.is_set():
                 wire.set_timeout(conn, self._settings.idle_timeout_s)
                 message = wire.recv_frame(conn)
                 wire.set_timeout(conn, self._settings.io_timeout_s)
                 op = message["op"]
-                if op == "read":
+                if op == "read" and mode == wire.MODE_DATA:
                     self._serve_read(conn, peer, message)
+                elif op == "renew":
+                    self._serve_renew(conn, message)
                 elif op == "release":
                     self._serve_release(conn, message)
                 elif op == "bye":
@@ -162,7 +172,8 @@ class BlockServer:
                 self._connections.discard(conn)
             conn.close()
 
-    def _handshake(self, conn: socket.socket, peer: str) -> bool:
+    def _handshake(self, conn: socket.socket, peer: str) -> str | None:
+        """The connection's mode once the peer is authenticated; None if refused."""
         server_nonce = wire.new_nonce()
         wire.send_frame(
             conn,
@@ -176,7 +187,7 @@ class BlockServer:
         hello = wire.recv_frame(conn)
         if hello["op"] != "hello":
             self._refuse(conn, peer, wire.ERR_MALFORMED, f"expected hello, got {hello['op']!r}")
-            return False
+            return None
         if hello.get("v") != wire.PROTOCOL_VERSION:
             self._refuse(
                 conn,
@@ -184,34 +195,40 @@ class BlockServer:
                 wire.ERR_VERSION,
                 f"protocol version {hello.get('v')!r} != {wire.PROTOCOL_VERSION}",
             )
-            return False
+            return None
         client_nonce = hello.get("nonce")
         if not isinstance(client_nonce, bytes) or len(client_nonce) != wire.NONCE_BYTES:
             self._refuse(conn, peer, wire.ERR_MALFORMED, "missing or short client nonce")
-            return False
+            return None
         expected = wire.client_mac(self._settings.secret, server_nonce, client_nonce)
         if not wire.macs_equal(hello.get("mac"), expected):
             self._refuse(conn, peer, wire.ERR_AUTH, "authentication failed (wrong shared secret)")
-            return False
-        theirs = wire.KVFingerprint.from_wire(hello.get("fingerprint") or {})
-        diffs = self._fingerprint.differences(theirs)
-        if diffs:
-            self._refuse(
-                conn,
-                peer,
-                wire.ERR_HANDSHAKE,
-                "KV layout mismatch (ours != theirs): " + "; ".join(diffs),
-            )
-            return False
+            return None
+        mode = hello.get("mode", wire.MODE_DATA)
+        if mode not in (wire.MODE_DATA, wire.MODE_CONTROL):
+            self._refuse(conn, peer, wire.ERR_MALFORMED, f"unknown connection mode {mode!r}")
+            return None
+        if mode == wire.MODE_DATA:
+            theirs = wire.KVFingerprint.from_wire(hello.get("fingerprint") or {})
+            diffs = self._fingerprint.differences(theirs)
+            if diffs:
+                self._refuse(
+                    conn,
+                    peer,
+                    wire.ERR_HANDSHAKE,
+                    "KV layout mismatch (ours != theirs): " + "; ".join(diffs),
+                )
+                return None
         wire.send_frame(
             conn,
             {
                 "op": "welcome",
                 "mac": wire.server_mac(self._settings.secret, server_nonce, client_nonce),
                 "fingerprint": self._fingerprint.to_wire(),
+                "max_renewals": self._settings.max_renewals_per_frame,
             },
         )
-        return True
+        return str(mode)
 
     def _serve_read(self, conn: socket.socket, peer: str, message: dict[str, Any]) -> None:
         request_id = message.get("req")
@@ -232,10 +249,14 @@ class BlockServer:
                 f"0..{self._cache.num_blocks - 1}",
             )
             return
+        issued = params.hold_token_valid(
+            self._settings.secret, self._engine_id, request_id, message.get("hold")
+        )
+        wait_s = (
+            self._settings.pending_hold_wait_s if issued else self._settings.unknown_request_wait_s
+        )
         try:
-            lease = self._leases.acquire(
-                request_id, block_ids, self._settings.unknown_request_wait_s
-            )
+            lease = self._leases.acquire(request_id, block_ids, wait_s)
         except LeaseError as exc:
             self._refuse_request(conn, peer, exc.code, str(exc))
             return
@@ -243,12 +264,8 @@ class BlockServer:
             started = time.perf_counter()
             nbytes = self._cache.request_nbytes(len(block_ids))
             wire.send_frame(conn, {"op": "data", "nbytes": nbytes})
-            views = self._cache.request_send_views(block_ids)
-            if views is not None:
+            for views in self._cache.iter_send_buffers(block_ids):
                 wire.send_buffers(conn, views)
-            else:
-                for layer in range(self._cache.num_layers):
-                    wire.send_buffers(conn, self._cache.send_views(layer, block_ids))
             elapsed = time.perf_counter() - started
             if message.get("release") is True:
                 # Every byte is in the kernel's send buffer: the blocks may be reused.
@@ -257,6 +274,25 @@ class BlockServer:
             self._leases.finish_read(lease)
         if self._on_transfer is not None:
             self._on_transfer(nbytes, elapsed)
+
+    def _serve_renew(self, conn: socket.socket, message: dict[str, Any]) -> None:
+        request_ids = message.get("reqs")
+        extend_s = message.get("extend_s")
+        if (
+            not isinstance(request_ids, list)
+            or len(request_ids) > self._settings.max_renewals_per_frame
+            or not all(isinstance(r, str) for r in request_ids)
+            or not isinstance(extend_s, int | float)
+            or isinstance(extend_s, bool)
+            or not 0 < extend_s <= self._settings.max_extend_s
+        ):
+            raise wire.WireError(
+                "malformed renew: needs 'reqs' (at most "
+                f"{self._settings.max_renewals_per_frame} str) and 'extend_s' "
+                f"(0 < s <= {self._settings.max_extend_s:g})"
+            )
+        states = self._leases.renew(request_ids, float(extend_s))
+        wire.send_frame(conn, {"op": "renewed", "states": [str(s) for s in states]})
 
     def _serve_release(self, conn: socket.socket, message: dict[str, Any]) -> None:
         request_id = message.get("req")

@@ -18,7 +18,7 @@ Role = Literal["producer", "consumer", "both"]
 FailurePolicy = Literal["fail", "recompute"]
 
 DEFAULT_PORT = 15100
-DEFAULT_LEASE_S = 30.0
+DEFAULT_LEASE_S = 10.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_IO_TIMEOUT_S = 30.0
 
@@ -56,7 +56,9 @@ def connector_config(
     address (e.g. ``0.0.0.0``) is not reachable as such. ``secret`` is the
     shared key both sides authenticate with; it must be the same on every
     prefill and decode instance of one deployment. ``lease_s`` bounds how long
-    a prefill instance holds a finished request's blocks for a decode pull.
+    a prefill instance holds a finished request's blocks when no decode instance
+    claims them; a decode instance renews its claim every ``lease_s / 3`` from the
+    moment its engine accepts the request until its pull is done.
     """
     if not engine_id:
         raise ValueError("engine_id must be a non-empty string")

@@ -24,10 +24,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorTransferResults,
+    KVConnectorWorkerMetadata,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kv_transfer.config import TransferSettings
+from kv_transfer.block_client import BlockClient, ClientSettings
+from kv_transfer.claims import ClaimKeeper
+from kv_transfer.config import CONNECTOR_NAME, TransferSettings
 from kv_transfer.metadata import TcpPullMetadata
 from kv_transfer.scheduler import SchedulerSettings, TcpPullScheduler
 from kv_transfer.stats import TcpTransferPromMetrics, TcpTransferStats
@@ -61,10 +64,13 @@ class TcpPullConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         _share_vllm_log_handlers()
+        _require_one_kv_cache_group(kv_cache_config)
         self._scheduler: TcpPullScheduler | None = None
         self._worker: TcpPullWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = TcpPullScheduler(SchedulerSettings.from_vllm_config(vllm_config))
+            settings = SchedulerSettings.from_vllm_config(vllm_config)
+            claims = _claim_keeper(settings) if settings.is_consumer else None
+            self._scheduler = TcpPullScheduler(settings, claims=claims)
         else:
             self._worker = TcpPullWorker(_worker_settings(vllm_config))
 
@@ -73,6 +79,13 @@ class TcpPullConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None and isinstance(connector_metadata, TcpPullMetadata):
+            # Before the forward pass (start_load_kv may run after it): the prefill's answer
+            # may already be at a decode instance that asks for these blocks.
+            self._worker.register_holds(connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
@@ -106,6 +119,14 @@ class TcpPullConnector(KVConnectorBase_V1):
         results = self.get_transfer_results(finished_req_ids)
         return results.finished_sending or None, results.finished_recving or None
 
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.get_block_ids_with_load_errors()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        assert self._worker is not None
+        return self._worker.build_worker_meta()
+
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self._worker is not None:
             return self._worker.get_kv_connector_stats()
@@ -115,8 +136,14 @@ class TcpPullConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
 
     # -- scheduler side -------------------------------------------------------------------------
+
+    def on_new_request(self, request: Request) -> None:
+        assert self._scheduler is not None
+        self._scheduler.on_new_request(request)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -125,8 +152,7 @@ class TcpPullConnector(KVConnectorBase_V1):
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
-        # A pull restores the request's own blocks in every KV cache group.
-        return tuple(range(len(self._kv_cache_config.kv_cache_groups)))
+        return (0,)  # the one group (see _require_one_kv_cache_group)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -149,6 +175,15 @@ class TcpPullConnector(KVConnectorBase_V1):
         return self._scheduler.request_finished(request, block_ids)
 
     # -- class-level hooks ----------------------------------------------------------------------
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """Blocks are moved as raw bytes, block id on the outermost dimension of each layer
+        and each block one contiguous run: LBHNC (vLLM's CPU layout; GPU backends accept it).
+        MLA caches have no head dimension to order, so any layout will do."""
+        if vllm_config.model_config is not None and vllm_config.model_config.use_mla:
+            return None
+        return "LBHNC"
 
     @classmethod
     def build_kv_connector_stats(
@@ -179,6 +214,34 @@ def _share_vllm_log_handlers() -> None:
     if ours.handlers:
         ours.setLevel(vllm_logger.level or logging.INFO)
         ours.propagate = False
+
+
+def _require_one_kv_cache_group(kv_cache_config: KVCacheConfig | None) -> None:
+    """Pulls move one block list per request. A hybrid model (sliding-window or mamba layers
+    next to full attention) keeps several KV cache groups with their own block ids, which this
+    connector does not transfer: refuse it at start-up instead of serving wrong KV."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None)
+    if groups is not None and len(groups) > 1:
+        raise ValueError(
+            f"{CONNECTOR_NAME} supports models with one KV cache group (full attention or MLA "
+            f"in every layer); this model has {len(groups)} groups. Serve it without "
+            "disaggregation, or with a connector that supports hybrid models (SupportsHMA)."
+        )
+
+
+def _claim_keeper(settings: SchedulerSettings) -> ClaimKeeper:
+    client = BlockClient(
+        ClientSettings(
+            secret=settings.secret,
+            # A renewal that cannot connect must not hold up the others for long.
+            connect_timeout_s=min(settings.connect_timeout_s, settings.lease_s / 3),
+            io_timeout_s=min(10.0, settings.lease_s),
+        ),
+        None,
+    )
+    keeper = ClaimKeeper(client)
+    keeper.start()
+    return keeper
 
 
 def _worker_settings(vllm_config: VllmConfig) -> WorkerSettings:

@@ -7,24 +7,28 @@ Prefill (``do_remote_decode`` in the request's kv_transfer_params): when the
 request finishes normally, keep its blocks (``delay_free``) under a lease and
 return the kv_transfer_params a decode instance needs to pull them.
 
-Decode (``do_remote_prefill``): ask vLLM to treat the prompt tokens past the
-local prefix-cache hit as loaded asynchronously, then pull exactly the blocks
-after that hit. Whatever happens (pull, params that cannot be honoured, abort
-before scheduling) the prefill instance is told to release once.
+Decode (``do_remote_prefill``): as soon as the engine accepts the request, claim
+the prefill's lease and keep renewing it while the request waits (``ClaimKeeper``);
+when it is scheduled, ask vLLM to treat the prompt tokens past the local
+prefix-cache hit as loaded asynchronously, then pull exactly the blocks after that
+hit. Whatever happens (pull, params that cannot be honoured, abort before
+scheduling) the prefill instance is released once, and a prompt computed again
+locally is counted (``pdserve_kv_recomputed_*``) and reported in the answer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kv_transfer.metadata import HoldSpec, PullSpec, TcpPullMetadata
+from kv_transfer import params as kvp
+from kv_transfer.claims import ClaimKeeper
+from kv_transfer.metadata import HoldSpec, PullSpec, TcpPullMetadata, TcpPullWorkerMeta
+from kv_transfer.params import Outcome, ParamsError, RecomputeReason, RemotePrefill
 from kv_transfer.stats import StatsRecorder, TcpTransferStats
 
 if TYPE_CHECKING:
@@ -35,16 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Set in a decode request's kv_transfer_params once its pull has been planned,
-# so re-admission after preemption or a failed load recomputes instead of re-pulling.
-HANDLED_KEY = "_pdserve_kv_handled"
-TRANSFER_MODE = "pdserve-tcp-pull"
-
-
-def prompt_digest(token_ids: Sequence[int]) -> str:
-    """Identifies the exact prompt tokens, so a decode instance never attaches
-    KV computed for a different token sequence."""
-    return hashlib.blake2b(array("q", token_ids).tobytes(), digest_size=16).hexdigest()
+prompt_digest = kvp.prompt_digest
 
 
 @dataclass(frozen=True)
@@ -54,10 +49,12 @@ class SchedulerSettings:
     public_host: str
     port: int
     lease_s: float
-    fingerprint: Mapping[str, Any]  # model, dtype, block_size, layout, tp_size
+    fingerprint: Mapping[str, Any]  # model, dtype, block_size, tp_size
     is_producer: bool
     is_consumer: bool
     tp_size: int = 1
+    secret: bytes = b""
+    connect_timeout_s: float = 5.0
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig) -> SchedulerSettings:
@@ -78,6 +75,8 @@ class SchedulerSettings:
             is_producer=bool(kv_config.is_kv_producer),
             is_consumer=bool(kv_config.is_kv_consumer),
             tp_size=tp_size,
+            secret=transfer.secret,
+            connect_timeout_s=transfer.connect_timeout_s,
         )
 
 
@@ -93,36 +92,76 @@ def scheduler_fingerprint(vllm_config: VllmConfig) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class RemotePrefill:
-    """A decode request's validated view of the prefill instance's kv_transfer_params."""
+@dataclass
+class _DecodeRequest:
+    """A decode request's handoff state, from ``on_new_request`` to ``request_finished``."""
 
-    host: str
-    port: int
-    request_id: str
-    engine_id: str
-    block_ids: tuple[int, ...]
-    problem: str | None  # set when the KV cannot be used; the prefill side is still released
+    remote: RemotePrefill | None  # None: params that name no reachable prefill instance
+    problem: ParamsError | None
+    local_hit_tokens: int = 0
+    prompt_tokens: int = 0
+    planned: bool = False  # the pull (or the decision not to pull) has been made
+    pulling: bool = False
+    outcome: str = Outcome.TRANSFERRED
+    recomputed_tokens: int = 0
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        assert self.remote is not None
+        return [
+            (self.remote.host, self.remote.port + r) for r in range(max(1, self.remote.tp_size))
+        ]
 
 
 class TcpPullScheduler:
-    def __init__(self, settings: SchedulerSettings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        clock: Callable[[], float] = time.time,
+        claims: ClaimKeeper | None = None,
+    ) -> None:
         self._settings = settings
         self._clock = clock
+        self._claims = claims
         self._pending_pulls: list[PullSpec] = []
         self._pending_holds: list[HoldSpec] = []
         # Prefill requests whose blocks are held, with their block counts.
         self._held: dict[str, int] = {}
+        # Decode requests carrying a remote prefill, until they finish.
+        self._decodes: dict[str, _DecodeRequest] = {}
         self._stats = StatsRecorder()
         self._stats.blocks_held(0)
 
+    def shutdown(self) -> None:
+        if self._claims is not None:
+            self._claims.stop()
+
     # -- decode side ----------------------------------------------------------------------------
+
+    def on_new_request(self, request: Request) -> None:
+        """The engine accepted ``request``: claim the prefill's blocks before it is scheduled."""
+        state = self._decode_state(request)
+        if state is None or state.remote is None or state.problem is not None:
+            return
+        if self._claims is not None:
+            lease_s = state.remote.lease_s or self._settings.lease_s
+            self._claims.claim(
+                request.request_id, state.endpoints, state.remote.request_id, lease_s
+            )
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        remote = self._remote_prefill(request)
-        if remote is None or remote.problem is not None:
+        state = self._decode_state(request)
+        if state is None or state.planned:
+            return 0, False
+        state.local_hit_tokens = num_computed_tokens
+        if state.problem is None and self._lease_lost(request.request_id):
+            state.problem = ParamsError(
+                "the prefill instance's lease on these blocks has ended",
+                RecomputeReason.LEASE_LOST,
+            )
+        if state.problem is not None:
             return 0, False
         count = int(request.num_prompt_tokens) - num_computed_tokens
         if count <= 0:
@@ -132,33 +171,38 @@ class TcpPullScheduler:
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        remote = self._remote_prefill(request)
-        if remote is None:
+        state = self._decode_state(request)
+        if state is None or state.planned:
             return
-        params = request.kv_transfer_params
-        assert params is not None
-        params[HANDLED_KEY] = True
-        if remote.problem is not None:
+        state.planned = True
+        request_id = request.request_id
+        num_prompt = state.prompt_tokens = int(request.num_prompt_tokens)
+        # Decided by get_num_new_matched_tokens in this same scheduling pass: a lease lost
+        # since then must not change the answer, or vLLM would wait for a load never started.
+        problem = state.problem
+        if problem is not None:
+            where = f"{state.remote.host}:{state.remote.port}" if state.remote else "nowhere"
             logger.warning(
-                "request %s: not pulling KV from %s:%s (%s); computing the prompt locally",
-                request.request_id,
-                remote.host,
-                remote.port,
-                remote.problem,
+                "request %s: not pulling KV from %s (%s); computing the prompt locally",
+                request_id,
+                where,
+                problem,
             )
-            self._queue_release(request.request_id, remote, report=False)
+            self._recomputed(state, problem.reason, num_prompt - state.local_hit_tokens)
+            self._release(request_id, state)
             return
         if num_external_tokens <= 0:
-            self._queue_release(request.request_id, remote, report=False)
+            state.outcome = Outcome.LOCAL_CACHE
+            self._release(request_id, state)
             return
+        assert state.remote is not None
         bs = self._settings.block_size
-        num_prompt = int(request.num_prompt_tokens)
         local_tokens = num_prompt - num_external_tokens
         num_prompt_blocks = math.ceil(num_prompt / bs)
         first = local_tokens // bs
         (all_local,) = blocks.get_block_ids()[:1]
         local_ids = tuple(all_local[first:num_prompt_blocks])
-        remote_ids = remote.block_ids[first:num_prompt_blocks]
+        remote_ids = state.remote.block_ids[first:num_prompt_blocks]
         if local_tokens % bs or len(local_ids) != len(remote_ids) or not local_ids:
             # Cannot happen with a block-aligned local hit; pull nothing rather than
             # write KV into the wrong slots. The transfer is reported failed so
@@ -166,55 +210,66 @@ class TcpPullScheduler:
             logger.error(
                 "request %s: cannot map %d external tokens onto blocks "
                 "(local hit %d tokens, %d local / %d remote blocks)",
-                request.request_id,
+                request_id,
                 num_external_tokens,
                 local_tokens,
                 len(local_ids),
                 len(remote_ids),
             )
             local_ids, remote_ids = (), ()
-        self._pending_pulls.append(
-            PullSpec(
-                request_id=request.request_id,
-                remote_host=remote.host,
-                remote_port=remote.port,
-                remote_request_id=remote.request_id,
-                remote_engine_id=remote.engine_id,
-                remote_block_ids=tuple(remote_ids),
-                local_block_ids=local_ids,
-                report=True,
-            )
-        )
-
-    def _queue_release(self, request_id: str, remote: RemotePrefill, *, report: bool) -> None:
-        if not remote.host or remote.port <= 0 or not remote.request_id:
-            return  # nowhere to send it; the lease expiry on the prefill side cleans up
+        state.pulling = True
         self._pending_pulls.append(
             PullSpec(
                 request_id=request_id,
-                remote_host=remote.host,
-                remote_port=remote.port,
-                remote_request_id=remote.request_id,
-                remote_engine_id=remote.engine_id,
-                report=report,
+                remote_host=state.remote.host,
+                remote_port=state.remote.port,
+                remote_request_id=state.remote.request_id,
+                remote_engine_id=state.remote.engine_id,
+                remote_block_ids=tuple(remote_ids),
+                local_block_ids=local_ids,
+                hold_token=state.remote.hold_token,
             )
         )
 
-    def _remote_prefill(self, request: Request) -> RemotePrefill | None:
-        params = request.kv_transfer_params
-        if (
-            not self._settings.is_consumer
-            or not params
-            or not params.get("do_remote_prefill")
-            or params.get(HANDLED_KEY)
-        ):
+    def _lease_lost(self, request_id: str) -> bool:
+        return self._claims is not None and self._claims.lost(request_id)
+
+    def _release(self, request_id: str, state: _DecodeRequest) -> None:
+        if self._claims is None or state.remote is None:
+            return  # nowhere to send it; the lease expiry on the prefill side cleans up
+        self._claims.release(request_id, state.endpoints, state.remote.request_id)
+
+    def _recomputed(self, state: _DecodeRequest, reason: str, tokens: int) -> None:
+        state.outcome = Outcome.RECOMPUTED
+        state.recomputed_tokens = max(0, tokens)
+        self._stats.recomputed(reason, state.recomputed_tokens)
+
+    def _decode_state(self, request: Request) -> _DecodeRequest | None:
+        """The request's handoff state, made on first sight; None for no remote prefill."""
+        state = self._decodes.get(request.request_id)
+        if state is not None:
+            return state
+        if not self._settings.is_consumer or not kvp.is_remote_prefill(request.kv_transfer_params):
             return None
-        return parse_remote_prefill(
-            params,
-            prompt_token_ids=request.prompt_token_ids or [],
-            settings=self._settings,
-            now=self._clock(),
-        )
+        params = request.kv_transfer_params
+        assert params is not None
+        try:
+            remote = RemotePrefill.parse(params)
+        except ParamsError as exc:
+            state = _DecodeRequest(remote=None, problem=exc)
+        else:
+            try:
+                remote.check_against(
+                    request.prompt_token_ids or [],
+                    block_size=self._settings.block_size,
+                    fingerprint=self._settings.fingerprint,
+                )
+            except ParamsError as exc:
+                state = _DecodeRequest(remote=remote, problem=exc)
+            else:
+                state = _DecodeRequest(remote=remote, problem=None)
+        self._decodes[request.request_id] = state
+        return state
 
     # -- prefill side ---------------------------------------------------------------------------
 
@@ -223,17 +278,11 @@ class TcpPullScheduler:
     ) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
+        state = self._decodes.pop(request.request_id, None)
+        if state is not None:
+            return False, self._decode_finished(request.request_id, state)
         params = request.kv_transfer_params
-        if not params:
-            return False, None
-        remote = self._remote_prefill(request)
-        if remote is not None:
-            # A decode request that finished (aborted, or rejected by the API
-            # server) before it was ever scheduled: the prefill side still holds.
-            params[HANDLED_KEY] = True
-            self._queue_release(request.request_id, remote, report=False)
-            return False, None
-        if not (self._settings.is_producer and params.get("do_remote_decode")):
+        if not (self._settings.is_producer and kvp.is_remote_decode(params)):
             return False, None
         if request.status not in (
             RequestStatus.FINISHED_LENGTH_CAPPED,
@@ -242,27 +291,37 @@ class TcpPullScheduler:
             return False, None  # aborted or failed: nobody will pull, free now
         if not block_ids:
             return False, None
-        expires_at = self._clock() + self._settings.lease_s
+        s = self._settings
+        expires_at = self._clock() + s.lease_s
         self._pending_holds.append(HoldSpec(request.request_id, tuple(block_ids), expires_at))
         self._held[request.request_id] = len(block_ids)
         self._stats.blocks_held(sum(self._held.values()))
         prompt = list(request.prompt_token_ids or [])
-        return True, {
-            "do_remote_prefill": True,
-            "do_remote_decode": False,
-            "remote_engine_id": self._settings.engine_id,
-            "remote_request_id": request.request_id,
-            "remote_host": self._settings.public_host,
-            "remote_port": self._settings.port,
-            "remote_block_ids": list(block_ids),
-            "remote_blocks_expiry_time": expires_at,
-            "remote_num_tokens": len(prompt),
-            "remote_prompt_digest": prompt_digest(prompt),
-            "tp_size": self._settings.tp_size,
-            "block_size": self._settings.block_size,
-            "kv_fingerprint": dict(self._settings.fingerprint),
-            "transfer_mode": TRANSFER_MODE,
-        }
+        return True, RemotePrefill(
+            engine_id=s.engine_id,
+            request_id=request.request_id,
+            host=s.public_host,
+            port=s.port,
+            block_ids=tuple(block_ids),
+            num_tokens=len(prompt),
+            prompt_digest=kvp.prompt_digest(prompt),
+            block_size=s.block_size,
+            tp_size=s.tp_size,
+            fingerprint=dict(s.fingerprint),
+            expiry_time=expires_at,
+            lease_s=s.lease_s,
+            hold_token=kvp.hold_token(s.secret, s.engine_id, request.request_id),
+        ).to_params()
+
+    def _decode_finished(self, request_id: str, state: _DecodeRequest) -> dict[str, Any] | None:
+        if not state.planned:
+            # Finished (aborted, or rejected by the API server) before it was ever
+            # scheduled: the prefill side still holds.
+            self._release(request_id, state)
+            return None
+        if self._claims is not None:
+            self._claims.drop(request_id)
+        return kvp.DecodeOutcome(state.outcome, state.recomputed_tokens).to_params()
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         changed = False
@@ -270,6 +329,31 @@ class TcpPullScheduler:
             changed |= self._held.pop(request_id, None) is not None
         if changed:
             self._stats.blocks_held(sum(self._held.values()))
+        finished_recving = connector_output.finished_recving or ()
+        if not finished_recving:
+            return
+        worker_meta = connector_output.kv_connector_worker_meta
+        failed = worker_meta.failed_blocks if isinstance(worker_meta, TcpPullWorkerMeta) else {}
+        for request_id in finished_recving:
+            if self._claims is not None:
+                self._claims.drop(request_id)
+            state = self._decodes.get(request_id)
+            if state is None or not state.pulling:
+                continue
+            state.pulling = False
+            if request_id in failed:
+                blocks = failed[request_id]
+                # No blocks: an abandoned pull, reported as a failed request, which vLLM
+                # recomputes from the first prompt token.
+                tokens = (
+                    min(
+                        blocks * self._settings.block_size,
+                        state.prompt_tokens - state.local_hit_tokens,
+                    )
+                    if blocks
+                    else state.prompt_tokens
+                )
+                self._recomputed(state, RecomputeReason.PULL_FAILED, tokens)
 
     # -- every step -----------------------------------------------------------------------------
 
@@ -284,86 +368,3 @@ class TcpPullScheduler:
     @property
     def blocks_held(self) -> int:
         return sum(self._held.values())
-
-
-def parse_remote_prefill(
-    params: Mapping[str, Any],
-    *,
-    prompt_token_ids: Sequence[int],
-    settings: SchedulerSettings,
-    now: float,
-) -> RemotePrefill:
-    """Validate the prefill instance's params against this request and engine."""
-    host = params.get("remote_host")
-    port = params.get("remote_port")
-    request_id = params.get("remote_request_id")
-    engine_id = params.get("remote_engine_id") or ""
-    raw_blocks = params.get("remote_block_ids")
-    # Nixl-style per-group lists: accept a single group.
-    if isinstance(raw_blocks, list) and len(raw_blocks) == 1 and isinstance(raw_blocks[0], list):
-        raw_blocks = raw_blocks[0]
-    addressable = (
-        isinstance(host, str)
-        and bool(host)
-        and isinstance(port, int)
-        and 0 < port < 65536
-        and isinstance(request_id, str)
-        and bool(request_id)
-    )
-    block_ids: tuple[int, ...] = ()
-    problem: str | None = None
-    if not addressable:
-        problem = "kv_transfer_params lack a valid remote_host, remote_port or remote_request_id"
-    elif not isinstance(raw_blocks, list) or not all(
-        isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in raw_blocks
-    ):
-        problem = "remote_block_ids is not a list of block ids"
-    else:
-        block_ids = tuple(raw_blocks)
-        problem = _compatibility_problem(params, prompt_token_ids, settings, now, len(block_ids))
-    return RemotePrefill(
-        host=host if isinstance(host, str) else "",
-        port=port if isinstance(port, int) else 0,
-        request_id=request_id if isinstance(request_id, str) else "",
-        engine_id=str(engine_id),
-        block_ids=block_ids,
-        problem=problem,
-    )
-
-
-def _compatibility_problem(
-    params: Mapping[str, Any],
-    prompt_token_ids: Sequence[int],
-    settings: SchedulerSettings,
-    now: float,
-    num_blocks: int,
-) -> str | None:
-    if params.get("transfer_mode", TRANSFER_MODE) != TRANSFER_MODE:
-        return f"transfer_mode {params.get('transfer_mode')!r} is not {TRANSFER_MODE!r}"
-    block_size = params.get("block_size", settings.block_size)
-    if block_size != settings.block_size:
-        return f"block_size {block_size} != local {settings.block_size}"
-    theirs = params.get("kv_fingerprint")
-    if isinstance(theirs, Mapping):
-        diffs = [
-            f"{key}: {theirs.get(key)!r} != local {value!r}"
-            for key, value in settings.fingerprint.items()
-            if key in theirs and theirs.get(key) != value
-        ]
-        if diffs:
-            return "KV fingerprint mismatch: " + "; ".join(diffs)
-    num_tokens = params.get("remote_num_tokens")
-    if num_tokens is not None and num_tokens != len(prompt_token_ids):
-        return (
-            f"prefill computed {num_tokens} prompt tokens, this prompt has {len(prompt_token_ids)}"
-        )
-    digest = params.get("remote_prompt_digest")
-    if digest is not None and digest != prompt_digest(prompt_token_ids):
-        return "prompt tokens differ from the ones the prefill instance computed"
-    needed = math.ceil(len(prompt_token_ids) / settings.block_size)
-    if num_blocks < needed:
-        return f"{num_blocks} remote blocks cannot hold {len(prompt_token_ids)} prompt tokens"
-    expiry = params.get("remote_blocks_expiry_time")
-    if isinstance(expiry, int | float) and expiry <= now:
-        return "the prefill instance's lease on these blocks has expired"
-    return None

@@ -21,12 +21,24 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
+from kv_transfer.params import RecomputeReason
+
 BYTES_TOTAL = "pdserve_kv_transfer_bytes_total"
 SECONDS = "pdserve_kv_transfer_seconds"
 FAILURES_TOTAL = "pdserve_kv_transfer_failures_total"
 BLOCKS_HELD = "pdserve_kv_blocks_held"
 LEASES_EXPIRED_TOTAL = "pdserve_kv_leases_expired_total"
-METRIC_NAMES = (BYTES_TOTAL, SECONDS, FAILURES_TOTAL, BLOCKS_HELD, LEASES_EXPIRED_TOTAL)
+RECOMPUTED_REQUESTS_TOTAL = "pdserve_kv_recomputed_requests_total"
+RECOMPUTED_TOKENS_TOTAL = "pdserve_kv_recomputed_tokens_total"
+METRIC_NAMES = (
+    BYTES_TOTAL,
+    SECONDS,
+    FAILURES_TOTAL,
+    BLOCKS_HELD,
+    LEASES_EXPIRED_TOTAL,
+    RECOMPUTED_REQUESTS_TOTAL,
+    RECOMPUTED_TOKENS_TOTAL,
+)
 
 SECONDS_BUCKETS = (
     0.0005,
@@ -53,6 +65,8 @@ def _empty() -> dict[str, Any]:
         "failures": 0,
         "leases_expired": 0,
         "blocks_held": None,
+        # reason -> [requests, tokens] computed again on a decode instance
+        "recomputed": {},
     }
 
 
@@ -74,6 +88,10 @@ class TcpTransferStats(KVConnectorStats):
         self.data["transfer_seconds"].extend(data.get("transfer_seconds", ()))
         self.data["failures"] += int(data.get("failures", 0))
         self.data["leases_expired"] += int(data.get("leases_expired", 0))
+        for reason, (requests, tokens) in data.get("recomputed", {}).items():
+            mine = self.data["recomputed"].setdefault(reason, [0, 0])
+            mine[0] += requests
+            mine[1] += tokens
         if data.get("blocks_held") is not None:
             self.data["blocks_held"] = data["blocks_held"]
         return self
@@ -87,6 +105,7 @@ class TcpTransferStats(KVConnectorStats):
             "GB/s": round(nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0,
             "failures": self.data["failures"],
             "leases_expired": self.data["leases_expired"],
+            "recomputed": sum(r for r, _ in self.data["recomputed"].values()),
         }
         if self.data["blocks_held"] is not None:
             reduced["blocks_held"] = self.data["blocks_held"]
@@ -97,6 +116,7 @@ class TcpTransferStats(KVConnectorStats):
             not self.data["transfer_bytes"]
             and not self.data["failures"]
             and not self.data["leases_expired"]
+            and not self.data["recomputed"]
             and self.data["blocks_held"] is None
         )
 
@@ -120,6 +140,13 @@ class StatsRecorder:
     def lease_expired(self, count: int = 1) -> None:
         with self._lock:
             self._data["leases_expired"] += count
+
+    def recomputed(self, reason: str, tokens: int) -> None:
+        """A decode request computed ``tokens`` prompt tokens again instead of pulling them."""
+        with self._lock:
+            entry = self._data["recomputed"].setdefault(reason, [0, 0])
+            entry[0] += 1
+            entry[1] += tokens
 
     def blocks_held(self, value: int) -> None:
         with self._lock:
@@ -187,6 +214,32 @@ class TcpTransferPromMetrics(KVConnectorPromMetrics):
                 labelnames=labelnames,
             )
         )
+        reason_labels = [*labelnames, "reason"]
+
+        def by_reason(metric: Any) -> dict[tuple[int, str], Any]:
+            # Every reason exists from the start at 0, so rate() and alerts see the series.
+            return {
+                (idx, reason): metric.labels(*values, reason)
+                for idx, values in per_engine.items()
+                for reason in RecomputeReason.ALL
+            }
+
+        self.recomputed_requests_total = by_reason(
+            cast(Any, self._counter_cls)(
+                name=RECOMPUTED_REQUESTS_TOTAL,
+                documentation="Decode requests that computed some or all of the prompt again "
+                "instead of using the prefill instance's KV, by reason.",
+                labelnames=reason_labels,
+            )
+        )
+        self.recomputed_tokens_total = by_reason(
+            cast(Any, self._counter_cls)(
+                name=RECOMPUTED_TOKENS_TOTAL,
+                documentation="Prompt tokens a decode instance computed again instead of "
+                "pulling them, by reason.",
+                labelnames=reason_labels,
+            )
+        )
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         data = transfer_stats_data
@@ -200,6 +253,11 @@ class TcpTransferPromMetrics(KVConnectorPromMetrics):
             self.leases_expired_total[engine_idx].inc(data["leases_expired"])
         if data.get("blocks_held") is not None:
             self.blocks_held[engine_idx].set(data["blocks_held"])
+        for reason, (requests, tokens) in data.get("recomputed", {}).items():
+            key = (engine_idx, reason)
+            if key in self.recomputed_requests_total:
+                self.recomputed_requests_total[key].inc(requests)
+                self.recomputed_tokens_total[key].inc(tokens)
 
 
 def _unregister_stale() -> None:

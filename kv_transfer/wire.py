@@ -43,6 +43,15 @@ class RemoteError(Exception):
         self.message = message
 
 
+# Connection modes, chosen by the client's hello: a data connection (a decode worker, with a
+# KV fingerprint) may read blocks; a control connection (a decode engine's scheduler) may
+# only renew and release leases.
+MODE_DATA = "data"
+MODE_CONTROL = "control"
+
+# The most leases one ``renew`` frame may name.
+MAX_RENEWALS_PER_FRAME = 4096
+
 # Error codes sent in ``error`` frames.
 ERR_AUTH = "auth_failed"
 ERR_HANDSHAKE = "handshake_mismatch"

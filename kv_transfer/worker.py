@@ -5,8 +5,11 @@ fed by the scheduler's holds; reports released and expired leases as
 ``finished_sending`` so vLLM frees the blocks.
 
 Decode: runs pulls on a small thread pool (never on the engine thread) and
-reports every pull it started as ``finished_recving``, the failed ones also
-as ``failed_recving`` so vLLM fails or recomputes per kv_load_failure_policy.
+reports every pull it started as ``finished_recving``. A failed pull reports the
+blocks that did not arrive through ``get_block_ids_with_load_errors``, so vLLM
+recomputes exactly those (or fails the request) per kv_load_failure_policy, and
+tells the scheduler half how many blocks each request lost (worker metadata) so
+it can count the recompute.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from kv_transfer.block_server import BlockServer, ServerSettings
 from kv_transfer.config import TransferSettings
 from kv_transfer.device import KVCacheAccess
 from kv_transfer.leases import LeaseTable
-from kv_transfer.metadata import PullSpec, TcpPullMetadata
+from kv_transfer.metadata import PullSpec, TcpPullMetadata, TcpPullWorkerMeta
 from kv_transfer.stats import StatsRecorder, TcpTransferStats
 
 logger = logging.getLogger(__name__)
@@ -48,14 +51,13 @@ class WorkerSettings:
     tp_size: int = 1
     tp_rank: int = 0
     pull_threads: int = 4
-    unknown_request_wait_s: float = 2.0
 
 
 @dataclass(frozen=True)
 class _PullResult:
     request_id: str
     ok: bool
-    report: bool
+    local_block_ids: tuple[int, ...]
 
 
 def unique_layers(kv_caches: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -86,6 +88,9 @@ class TcpPullWorker:
         # finished_sending may only name ids vLLM has passed in finished_req_ids.
         self._seen_finished: OrderedDict[str, float] = OrderedDict()
         self._unreported_sends: set[str] = set()
+        # Failed loads of the step being reported: vLLM reads them right after get_finished.
+        self._invalid_block_ids: set[int] = set()
+        self._failed_blocks: dict[str, int] = {}
 
     @property
     def server_port(self) -> int | None:
@@ -119,7 +124,9 @@ class TcpPullWorker:
                     port=s.transfer.port + s.tp_rank if s.transfer.port else 0,
                     secret=s.transfer.secret,
                     io_timeout_s=s.transfer.io_timeout_s,
-                    unknown_request_wait_s=s.unknown_request_wait_s,
+                    # A hold is registered at the start of the engine step after the prefill
+                    # answered; the lease bounds the wait in case that step never comes.
+                    pending_hold_wait_s=s.transfer.lease_s,
                 ),
                 self._fingerprint,
                 self._cache,
@@ -144,17 +151,20 @@ class TcpPullWorker:
 
     # -- per step -------------------------------------------------------------------------------
 
-    def start_load_kv(self, meta: TcpPullMetadata) -> None:
+    def register_holds(self, meta: TcpPullMetadata) -> None:
+        """Called when the step's metadata is bound, before the forward pass: a decode may
+        already be asking for these blocks, and a long forward must not delay the hold."""
         for hold in meta.holds:
             self._leases.add(hold.request_id, hold.block_ids, hold.expires_at)
+
+    def start_load_kv(self, meta: TcpPullMetadata) -> None:
         for spec in meta.pulls:
             self._submit(spec)
 
     def _submit(self, spec: PullSpec) -> None:
         if self._pool is None:
             logger.error("request %s: pull requested on a non-consumer worker", spec.request_id)
-            if spec.report:
-                self._results.put(_PullResult(spec.request_id, ok=False, report=True))
+            self._results.put(_PullResult(spec.request_id, False, spec.local_block_ids))
             return
         with self._in_flight_lock:
             self._in_flight += 1
@@ -170,27 +180,17 @@ class TcpPullWorker:
             with self._in_flight_lock:
                 self._in_flight -= 1
             # Every pull vLLM waits on is reported, success or not, or its blocks leak.
-            self._results.put(_PullResult(spec.request_id, ok=ok, report=spec.report))
+            self._results.put(_PullResult(spec.request_id, ok, spec.local_block_ids))
 
     def _pull(self, spec: PullSpec) -> bool:
         assert self._client is not None and self._cache is not None
         endpoint = (spec.remote_host, spec.remote_port + self._settings.tp_rank)
         where = f"{endpoint[0]}:{endpoint[1]} (engine {spec.remote_engine_id})"
         if spec.release_only:
-            try:
-                self._client.release(endpoint, spec.remote_request_id)
-            except (wire.WireError, wire.RemoteError) as exc:
-                logger.warning(
-                    "request %s: could not release prefill blocks of %s at %s: %s",
-                    spec.request_id,
-                    spec.remote_request_id,
-                    where,
-                    exc,
-                )
-            # A reported release-only spec is a pull the scheduler had to abandon.
-            if spec.report:
-                self._stats.failure()
-            return not spec.report
+            # A pull the scheduler had to abandon: free the prefill side, report a failed load.
+            self._stats.failure()
+            self._release_after_failure(endpoint, spec)
+            return False
         started = time.perf_counter()
         try:
             nbytes = self._client.pull(
@@ -199,6 +199,7 @@ class TcpPullWorker:
                 spec.remote_block_ids,
                 self._cache,
                 spec.local_block_ids,
+                hold_token=spec.hold_token,
             )
         except (wire.WireError, wire.RemoteError, OSError) as exc:
             self._stats.failure()
@@ -238,11 +239,16 @@ class TcpPullWorker:
                 result = self._results.get_nowait()
             except queue.Empty:
                 break
-            if not result.report:
-                continue
             finished_recving.add(result.request_id)
-            if not result.ok:
+            if result.ok:
+                continue
+            if result.local_block_ids:
+                # Block-level report: vLLM keeps the local prefix hit and recomputes from
+                # the first block that did not arrive.
+                self._invalid_block_ids.update(result.local_block_ids)
+            else:
                 failed_recving.add(result.request_id)
+            self._failed_blocks[result.request_id] = len(result.local_block_ids)
 
         finished_sending: set[str] = set()
         if self._server is not None:
@@ -278,6 +284,16 @@ class TcpPullWorker:
         for request_id in finished_sending:
             del self._seen_finished[request_id]
         return finished_sending
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        invalid, self._invalid_block_ids = self._invalid_block_ids, set()
+        return invalid
+
+    def build_worker_meta(self) -> TcpPullWorkerMeta | None:
+        if not self._failed_blocks:
+            return None
+        failed, self._failed_blocks = self._failed_blocks, {}
+        return TcpPullWorkerMeta(failed_blocks=failed)
 
     def get_kv_connector_stats(self) -> TcpTransferStats | None:
         return self._stats.drain()

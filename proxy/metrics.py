@@ -10,6 +10,7 @@ accounting on the request path costs nothing extra.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -17,7 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.instances import Instance
+from kv_transfer.params import Outcome
+from proxy.instances import Instance, Role
 
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -69,6 +71,10 @@ class FastHistogram(Collector):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
             child = self._children[values] = HistogramChild(self.buckets)
         return child
+
+    def remove(self, *values: str) -> None:
+        """Drop the series (no error when absent); callers must drop their cached child too."""
+        self._children.pop(values, None)
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -169,18 +175,67 @@ class ProxyMetrics:
             ["role", "policy", "instance"],
             registry=r,
         )
+        self.kv_handoffs = Counter(
+            "pdserve_kv_handoffs",
+            "Disaggregated requests the decode answered, by what happened to the prompt's KV: "
+            "transferred, local_cache (the decode's own prefix cache had it), recomputed "
+            "(computed again on the decode: see pdserve_kv_recomputed_requests_total there), "
+            "unreported (streamed answers and decode workers that do not say).",
+            ["outcome"],
+            registry=r,
+        )
+        self.kv_handoff_outcomes = {
+            outcome: self.kv_handoffs.labels(outcome) for outcome in HANDOFF_OUTCOMES
+        }
         r.register(_InstanceGauges(instances))
         self.stage_prefill = self.stage.labels("prefill")
         self.stage_handoff = self.stage.labels("handoff")
         self.stage_decode_first_token = self.stage.labels("decode_first_token")
         self._request_children: dict[tuple[str, str, int, str], Counter] = {}
+        # Models the decode pool serves (set by the model catalog): the only model label
+        # values besides UNKNOWN_MODEL and "" (no model given).
+        self._known_models: frozenset[str] = frozenset()
+        # pdserve_routing_decisions_total children by (role, instance URL); the request
+        # path reads this dict, so a removed instance must leave it too.
+        self.decisions: dict[tuple[Role, str], Counter] = {}
+        self._decision_labels: dict[tuple[Role, str], tuple[str, str, str]] = {}
 
-    def count_request(self, endpoint: str, model: str, status: int, path: str) -> None:
-        key = (endpoint, model, status, path)
+    def set_known_models(self, models: frozenset[str]) -> None:
+        self._known_models = models
+
+    def model_label(self, model: str | None) -> str:
+        """The client's model name as a label value: a served model, "unknown" or ""."""
+        if not model:
+            return ""
+        return model if model in self._known_models else UNKNOWN_MODEL
+
+    def decision_counter(self, role: Role, policy: str, instance: str) -> Counter:
+        """The routing-decision child for an instance, cached in :attr:`decisions`."""
+        key = (role, instance)
+        counter = self.decisions.get(key)
+        if counter is None:
+            labels = (role.value, policy, instance)
+            counter = self.decisions[key] = self.routing_decisions.labels(*labels)
+            self._decision_labels[key] = labels
+        return counter
+
+    def forget_instance(self, role: Role, instance: str) -> None:
+        """Remove every series labelled with an instance that left the registry."""
+        key = (role, instance)
+        self.decisions.pop(key, None)
+        labels = self._decision_labels.pop(key, None)
+        if labels is not None:
+            self.routing_decisions.remove(*labels)
+        with contextlib.suppress(KeyError):  # older prometheus_client raise it when absent
+            self.ejections.remove(role.value, instance)
+
+    def count_request(self, endpoint: str, model: str | None, status: int, path: str) -> None:
+        """``model`` is the client's: it is mapped to a bounded label value here."""
+        key = (endpoint, self.model_label(model), status, path)
         child = self._request_children.get(key)
         if child is None:
             child = self._request_children[key] = self.requests.labels(
-                endpoint, model, str(status), path
+                endpoint, key[1], str(status), path
             )
         child.inc()
 
@@ -193,6 +248,18 @@ class ProxyMetrics:
         histogram = FastHistogram(name, doc, labels, buckets)
         self.registry.register(histogram)
         return histogram
+
+
+# The model label of requests naming a model the decode pool does not serve (or before
+# its model list is known): client-chosen strings never become label values.
+UNKNOWN_MODEL = "unknown"
+
+HANDOFF_OUTCOMES = (
+    Outcome.TRANSFERRED,
+    Outcome.LOCAL_CACHE,
+    Outcome.RECOMPUTED,
+    "unreported",
+)
 
 
 def _bound_text(bound: float) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from kv_transfer import params as kvp
 from proxy.config import TimeoutConfig
 from proxy.errors import ProxyError
 from proxy.health import HealthTracker
@@ -101,7 +102,6 @@ class PDFlow:
         self._health = health
         self._timeouts = timeouts
         self._disagg_min = disagg_min_prompt_tokens
-        self._decisions: dict[tuple[Role, str], Any] = {}
         self._timeout_counters = {
             stage: metrics.timeouts.labels(stage)
             for stage in ("connect", "prefill", "first_byte", "stall")
@@ -143,7 +143,7 @@ class PDFlow:
             status = CLIENT_CLOSED_STATUS
             raise
         finally:
-            endpoint, model = req.endpoint.value, req.model or ""
+            endpoint, model = req.endpoint.value, self._metrics.model_label(req.model)
             self._metrics.count_request(endpoint, model, status, path.value)
             elapsed = asyncio.get_running_loop().time() - started
             self._metrics.e2e.labels(endpoint, model, path.value).observe(elapsed)
@@ -201,12 +201,9 @@ class PDFlow:
         self, routed: RoutedPolicy, candidates: list[Instance], routing: RoutingRequest
     ) -> Instance:
         instance = routed.policy.select(candidates, routing)
-        key = (routed.role, instance.url)
-        counter = self._decisions.get(key)
+        counter = self._metrics.decisions.get((routed.role, instance.url))
         if counter is None:
-            counter = self._decisions[key] = self._metrics.routing_decisions.labels(
-                routed.role.value, routed.name, instance.url
-            )
+            counter = self._metrics.decision_counter(routed.role, routed.name, instance.url)
         counter.inc()
         return instance
 
@@ -292,7 +289,7 @@ class PDFlow:
                 raise UpstreamReply(status, data, upstream.content_type)
             return ProxyError(502, f"prefill instance {url} answered HTTP {status}: {data[:200]!r}")
         try:
-            params = orjson.loads(data).get("kv_transfer_params")
+            params = orjson.loads(data).get(kvp.FIELD)
         except (orjson.JSONDecodeError, AttributeError):
             params = None
         if not isinstance(params, dict):
@@ -334,6 +331,8 @@ class PDFlow:
                     metrics.stage_decode_first_token.observe(loop.time() - sent)
                     if upstream.status == 200:
                         self._decode.policy.observe(instance, routing, loop.time() - sent)
+                        if prefilled_at is not None:
+                            metrics.kv_handoff_outcomes[handoff_outcome(data)].inc()
                     response = web.Response(
                         status=upstream.status,
                         body=data,
@@ -366,9 +365,20 @@ class PDFlow:
                 except ConnectionResetError:
                     raise ClientGone(out) from None
                 stream.last_chunk = chunk
-                endpoint, model = req.endpoint.value, req.model or ""
+                if prefilled_at is not None:
+                    # vLLM streams carry no kv_transfer_params; the decode's own
+                    # pdserve_kv_recomputed_* counters cover these.
+                    metrics.kv_handoff_outcomes["unreported"].inc()
+                endpoint, model = req.endpoint.value, metrics.model_label(req.model)
                 metrics.ttft.labels(endpoint, model, path.value).observe(loop.time() - started)
                 itl = metrics.itl.labels(endpoint, model)
+                transport = http_request.transport
+                if transport is None:
+                    raise ClientGone(out)
+                # A write waits for the client only if something is already queued for it
+                # or the chunk alone could fill the buffer past its high-water mark.
+                backlog = transport.get_write_buffer_size
+                big = transport.get_write_buffer_limits()[1] // 2
                 stall_s = self._timeouts.stall_s
                 # Re-arming the deadline costs a timer; doing it only once it has slid by
                 # a tenth of the budget keeps stall detection within 10 % of stall_s.
@@ -391,7 +401,16 @@ class PDFlow:
                         tail = chunk  # goes out with the end-of-stream marker
                         break
                     try:
-                        await out.write(chunk)
+                        if backlog() or len(chunk) > big:
+                            # A slow reader is not a decode stall: the deadline measures
+                            # only waits for the instance, so it stops while the write
+                            # waits for the client and restarts once it is done.
+                            deadline.reschedule(None)
+                            await out.write(chunk)
+                            armed = loop.time()
+                            deadline.reschedule(armed + stall_s)
+                        else:
+                            await out.write(chunk)  # cannot wait: nothing is queued
                     except ConnectionResetError:
                         raise ClientGone(out) from None
             self._decode.policy.observe(instance, routing, loop.time() - sent)
@@ -442,18 +461,35 @@ def prefill_body(req: ClientRequest) -> bytes:
         body["max_completion_tokens"] = 1
     for field in _PREFILL_DROPPED_FIELDS:
         body.pop(field, None)
-    body["kv_transfer_params"] = {"do_remote_decode": True}
+    body[kvp.FIELD] = kvp.prefill_leg_params()
     return orjson.dumps(body)
 
 
+_FIELD_PREFIX = b',"' + kvp.FIELD.encode() + b'":'
+
+
 def with_kv_transfer_params(req: ClientRequest, params: dict[str, Any]) -> bytes:
-    """The client's bytes with ``kv_transfer_params`` appended, without re-serialising."""
-    if "kv_transfer_params" in req.body:
-        body = dict(req.body)
-        body["kv_transfer_params"] = params
-        return orjson.dumps(body)
+    """The client's bytes with ``kv_transfer_params`` appended, without re-serialising.
+
+    ``parse_client_request`` removed any the client sent, so the key appears once."""
     raw = req.raw.rstrip()
-    return raw[:-1] + b',"kv_transfer_params":' + orjson.dumps(params) + b"}"
+    return raw[:-1] + _FIELD_PREFIX + orjson.dumps(params) + b"}"
+
+
+_OUTCOME_MARKERS = tuple(
+    (outcome, f'"{kvp.OUTCOME}":"{outcome}"'.encode())
+    for outcome in (kvp.Outcome.RECOMPUTED, kvp.Outcome.LOCAL_CACHE, kvp.Outcome.TRANSFERRED)
+)
+
+
+def handoff_outcome(decode_body: bytes) -> str:
+    """What a decode worker says happened to the prompt's KV, from its non-streamed answer.
+
+    A byte search, not a parse: the answer is relayed as is, and vLLM writes compact JSON."""
+    for outcome, marker in _OUTCOME_MARKERS:
+        if marker in decode_body:
+            return outcome
+    return "unreported"
 
 
 def error_response(error: ProxyError, request_id: str | None = None) -> web.Response:

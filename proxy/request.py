@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from kv_transfer.params import ROUTER_ONLY_FIELDS
 from proxy.errors import ProxyError
 
 # Output length assumed for load accounting when the client sets none
@@ -52,6 +53,11 @@ def parse_client_request(endpoint: Endpoint, raw: bytes) -> ClientRequest:
         raise ProxyError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ProxyError(400, "request body must be a JSON object")
+    if any(field in body for field in ROUTER_ONLY_FIELDS):
+        # They tell an engine which host to dial and whose KV to load: only the proxy sets them.
+        for field in ROUTER_ONLY_FIELDS:
+            body.pop(field, None)
+        raw = orjson.dumps(body)
 
     model = body.get("model")
     if model is not None and not isinstance(model, str):

@@ -44,11 +44,24 @@ _ENGINE_TIMINGS = pytest.StashKey[dict[str, float]]()
 # role -> (CPU core, the fixture whose use means a test needs that engine). Aggregated shares
 # core 1 with decode: the equivalence tests query the baseline and the PD pair one after the
 # other, never at once.
-ENGINE_CORES: dict[str, int] = {"prefill": 0, "decode": 1, "aggregated": 1}
+ENGINE_CORES: dict[str, int] = {"prefill": 0, "decode": 1, "aggregated": 1, "decode_queued": 1}
 ENGINE_FIXTURES: dict[str, str] = {
     "prefill": "real_prefill",
     "decode": "real_decode",
     "aggregated": "real_aggregated",
+    "decode_queued": "real_decode_queued",
+}
+# The worker role and extra flags of each engine. ``decode_queued`` runs one sequence at a time
+# and fails requests whose KV load fails: its queue outlasts the prefill's lease on demand, and
+# it shows kv_load_failure_policy=fail on a live engine.
+ENGINE_ROLES: dict[str, tuple[str, list[str]]] = {
+    "prefill": ("prefill", []),
+    "decode": ("decode", []),
+    "aggregated": ("aggregated", []),
+    "decode_queued": (
+        "decode",
+        ["--kv-load-failure-policy", "fail", "--vllm-args", "--max-num-seqs 1"],
+    ),
 }
 
 
@@ -98,12 +111,13 @@ def server_launcher(
         pytest.fail("server shutdown: " + "; ".join(problems))
 
 
-def _worker_argv(role: str, model: Path, port: int, kv_port: int | None) -> list[str]:
+def _worker_argv(name: str, model: Path, port: int, kv_port: int | None) -> list[str]:
+    role, extra = ENGINE_ROLES[name]
     argv = [
         sys.executable, "-m", "deploy.worker_cli", role,
         "--model", str(model),
         "--port", str(port),
-        "--cpu-core", str(ENGINE_CORES[role]),
+        "--cpu-core", str(ENGINE_CORES[name]),
         "--kv-cache-gib", "1",
         "--block-size", str(ENGINE_BLOCK_SIZE),
         "--dtype", ENGINE_DTYPE,
@@ -112,6 +126,7 @@ def _worker_argv(role: str, model: Path, port: int, kv_port: int | None) -> list
         "--lease-s", str(ENGINE_LEASE_S),
         "--kv-load-failure-policy", KV_LOAD_FAILURE_POLICY,
         "--stop-grace-s", str(PROCESS_GRACE_S),
+        *extra,
     ]  # fmt: skip
     if kv_port is not None:
         argv += ["--kv-port", str(kv_port)]
@@ -180,6 +195,12 @@ def real_prefill(engine_pool: EnginePool) -> RunningServer:
 def real_decode(engine_pool: EnginePool) -> RunningServer:
     """A decode worker (KV consumer) on core 1."""
     return engine_pool.ready("decode")
+
+
+@pytest.fixture(scope="session")
+def real_decode_queued(engine_pool: EnginePool) -> RunningServer:
+    """A decode worker that runs one sequence at a time and fails failed KV loads (core 1)."""
+    return engine_pool.ready("decode_queued")
 
 
 @pytest.fixture(scope="session")

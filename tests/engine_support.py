@@ -33,9 +33,9 @@ ENGINE_BLOCK_SIZE = 32
 ENGINE_DTYPE = "float32"
 MODEL_NAME = "tiny"
 KV_SECRET = "pdserve-test-secret"
-# Short enough that a test leaving an un-pulled prefill can wait for its expiry; long enough
-# that a decode pull queued behind 16 concurrent requests on a loaded machine still makes it.
-ENGINE_LEASE_S = 12.0
+# Shorter than the decode queueing the tests cause on purpose (a decode holds its claim on the
+# blocks while it waits), and short enough that an un-pulled prefill is freed within seconds.
+ENGINE_LEASE_S = 4.0
 KV_LOAD_FAILURE_POLICY = "recompute"
 ENGINE_START_TIMEOUT_S = 900.0
 PROCESS_GRACE_S = 30.0

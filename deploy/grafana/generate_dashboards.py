@@ -38,6 +38,7 @@ WORKER_URL = 'exported_instance=~"https?://$instance/?"'
 class Target:
     expr: str
     legend: str = ""
+    right: bool = False  # on the right axis, in the panel's right_unit
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Panel:
     width: int = 12
     description: str = ""
     max_value: float | None = None
+    right_unit: str = "short"  # unit of the targets with right=True
 
 
 @dataclass
@@ -113,6 +115,17 @@ def _panel_json(panel: Panel, panel_id: int, x: int, y: int, height: int) -> dic
             "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
             "tooltip": {"mode": "multi", "sort": "desc"},
         }
+    overrides = [
+        {
+            "matcher": {"id": "byFrameRefID", "options": _ref_id(index)},
+            "properties": [
+                {"id": "custom.axisPlacement", "value": "right"},
+                {"id": "unit", "value": panel.right_unit},
+            ],
+        }
+        for index, target in enumerate(panel.targets)
+        if target.right
+    ]
     return {
         "id": panel_id,
         "type": panel.kind,
@@ -120,11 +133,11 @@ def _panel_json(panel: Panel, panel_id: int, x: int, y: int, height: int) -> dic
         "description": panel.description,
         "datasource": DATASOURCE,
         "gridPos": {"x": x, "y": y, "w": panel.width, "h": height},
-        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "fieldConfig": {"defaults": defaults, "overrides": overrides},
         "options": options,
         "targets": [
             {
-                "refId": chr(ord("A") + index),
+                "refId": _ref_id(index),
                 "datasource": DATASOURCE,
                 "expr": target.expr,
                 "legendFormat": target.legend or "__auto",
@@ -133,6 +146,10 @@ def _panel_json(panel: Panel, panel_id: int, x: int, y: int, height: int) -> dic
             for index, target in enumerate(panel.targets)
         ],
     }
+
+
+def _ref_id(index: int) -> str:
+    return chr(ord("A") + index)
 
 
 def datasource_variable() -> dict[str, Any]:
@@ -184,6 +201,33 @@ def quantiles(
         )
         targets.append(Target(expr, legend))
     return targets
+
+
+def kv_recomputed(selector: str, title: str) -> Panel:
+    """Decode requests (left axis) and prompt tokens (right) computed again instead of
+    using the prefill instance's KV, by reason. Prefill workers export the counters too,
+    always at 0."""
+    return Panel(
+        title,
+        [
+            Target(
+                "sum by (reason) "
+                f"(rate(pdserve_kv_recomputed_requests_total{{{selector}}}[{RATE}]))",
+                "requests {{reason}}",
+            ),
+            Target(
+                f"sum by (reason) (rate(pdserve_kv_recomputed_tokens_total{{{selector}}}[{RATE}]))",
+                "tokens {{reason}}",
+                right=True,
+            ),
+        ],
+        "reqps",
+        description="Decode requests (left) and prompt tokens (right) computed again on a "
+        "decode instance instead of using the transferred KV; clients still get HTTP 200. "
+        "pull_failed: a started pull failed (peer died, refused, cut off); lease_lost: the "
+        "prefill instance no longer held the blocks; unusable: incompatible or malformed "
+        "kv_transfer_params (model, block size, prompt).",
+    )
 
 
 def overview() -> Dashboard:
@@ -552,6 +596,7 @@ def pool(role: str) -> Dashboard:
                 ],
                 "ops",
             ),
+            kv_recomputed(engine, "KV recomputed / s"),
         ]
     return dash
 
@@ -641,6 +686,32 @@ def kv_transfer() -> Dashboard:
             ],
             "ops",
             description="Blocks held for the whole lease and never pulled.",
+        ),
+        kv_recomputed(target, "KV recomputed (decode)"),
+        Panel(
+            "PD handoff outcomes",
+            [
+                Target(
+                    "sum by (outcome) "
+                    f'(rate(pdserve_kv_handoffs_total{{pdserve_role="proxy"}}[{RATE}]))',
+                    "{{outcome}}",
+                ),
+                Target(
+                    "sum(rate(pdserve_kv_recomputed_requests_total"
+                    f'{{pdserve_role="decode", model_name=~"$model"}}[{RATE}]))'
+                    " / sum(rate(pdserve_requests_total"
+                    f'{{pdserve_role="proxy", path="disaggregated", model=~"$model"}}[{RATE}]))',
+                    "recompute ratio",
+                    right=True,
+                ),
+            ],
+            "reqps",
+            description="Left: disaggregated requests answered by a decode instance, by what "
+            "happened to the prompt's KV, as the proxy saw it (all proxies and models; "
+            "streamed answers carry no outcome and count as unreported). Right: recomputed "
+            "decode requests (decode counters, streamed included) per disaggregated proxy "
+            "request; PdserveKVRecomputeHigh fires above 1% over 10 minutes.",
+            right_unit="percentunit",
         ),
         Panel(
             "Blocks held by instance",

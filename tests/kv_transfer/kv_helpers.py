@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from kv_transfer import wire
+from kv_transfer import params, wire
 from kv_transfer.block_client import BlockClient, ClientSettings
 from kv_transfer.block_server import BlockServer, ServerSettings
 from kv_transfer.device import KVCacheAccess
 from kv_transfer.leases import LeaseTable
 
 SECRET = b"test-secret"
+ENGINE_ID = "prefill-test"
+
+
+def hold_token(request_id: str, secret: bytes = SECRET, engine_id: str = ENGINE_ID) -> str:
+    """The token a prefill scheduler issues for ``request_id`` (see kv_transfer.params)."""
+    return params.hold_token(secret, engine_id, request_id)
 
 
 def vllm_like_cpu_cache(
@@ -82,6 +89,16 @@ class Endpoints:
             fingerprint or self.fingerprint,
         )
 
+    def control_client(self, secret: bytes = SECRET) -> BlockClient:
+        """What a decode engine's scheduler uses: no KV fingerprint, renew and release only."""
+        return control_client(secret)
+
+
+def control_client(secret: bytes = SECRET) -> BlockClient:
+    return BlockClient(
+        ClientSettings(secret=secret, connect_timeout_s=2.0, io_timeout_s=10.0), None
+    )
+
 
 @contextlib.contextmanager
 def running_server(
@@ -89,9 +106,13 @@ def running_server(
     *,
     block_size: int = 32,
     unknown_request_wait_s: float = 0.2,
+    pending_hold_wait_s: float = 30.0,
+    max_renewals_per_frame: int = 4096,
+    max_extend_s: float = 3600.0,
     force_staging: bool = False,
+    leases: LeaseTable | None = None,
 ) -> Iterator[Endpoints]:
-    leases = LeaseTable()
+    leases = leases if leases is not None else LeaseTable()
     access = KVCacheAccess(src, force_staging=force_staging)
     fingerprint = fingerprint_for(src, block_size)
     transfers: list[tuple[int, float]] = []
@@ -113,11 +134,14 @@ def running_server(
             secret=SECRET,
             handshake_timeout_s=2.0,
             unknown_request_wait_s=unknown_request_wait_s,
+            pending_hold_wait_s=pending_hold_wait_s,
+            max_renewals_per_frame=max_renewals_per_frame,
+            max_extend_s=max_extend_s,
         ),
         fingerprint,
         access,
         leases,
-        engine_id="prefill-test",
+        engine_id=ENGINE_ID,
         on_transfer=on_transfer,
         on_refusal=on_refusal,
     )
@@ -126,6 +150,35 @@ def running_server(
         yield Endpoints(server, leases, src, access, fingerprint, transfers, refusals)
     finally:
         server.stop()
+
+
+class ManualClock:
+    """An injectable clock (unix-like seconds) that only moves when a test moves it."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self._lock = threading.Lock()
+        self._now = now
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float = 10.0, step_s: float = 0.01
+) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout_s`` passes; return its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step_s)
 
 
 def blocks_equal(

@@ -7,13 +7,26 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
-from kv_helpers import SECRET, blocks_equal, fingerprint_for, running_server, vllm_like_cpu_cache
+from kv_helpers import (
+    ENGINE_ID,
+    SECRET,
+    ManualClock,
+    blocks_equal,
+    fingerprint_for,
+    hold_token,
+    running_server,
+    vllm_like_cpu_cache,
+    wait_until,
+)
 
 from kv_transfer import wire
+from kv_transfer.block_client import BlockClient, BlockConnection, ClientSettings
 from kv_transfer.device import KVCacheAccess, block_runs
+from kv_transfer.leases import EndReason, Lease, LeaseTable
 
 
 def far_future() -> float:
@@ -31,6 +44,8 @@ def test_pull_is_byte_exact_into_scattered_local_blocks(dtype: torch.dtype) -> N
         client = ends.client()
         nbytes = client.pull(ends.address, "req-a", remote_ids, KVCacheAccess(dst), local_ids)
         client.close()
+        # The server's bookkeeping runs just after the last byte left it.
+        assert wait_until(lambda: len(ends.transfers) == 1 and len(ends.leases) == 0, 5)
     assert nbytes == len(remote_ids) * len(src) * src[0][0].numel() * src[0].element_size()
     assert blocks_equal(src, remote_ids, dst, local_ids)
     untouched = [b for b in range(64) if b not in local_ids]
@@ -192,8 +207,6 @@ def test_dead_server_fails_fast() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     src = vllm_like_cpu_cache()
-    from kv_transfer.block_client import BlockClient, ClientSettings
-
     client = BlockClient(ClientSettings(secret=SECRET, connect_timeout_s=1.0), fingerprint_for(src))
     started = time.monotonic()
     with pytest.raises(wire.WireError, match="cannot connect"):
@@ -219,3 +232,255 @@ def test_silent_connection_is_dropped_without_blocking_others() -> None:
         assert time.monotonic() - started < 8
         silent.close()
     assert blocks_equal(src, [2], dst, [3])
+
+
+# -- control connections, renewals and hold tokens ------------------------------------------------
+
+
+def test_control_connection_renews_and_releases_but_cannot_read() -> None:
+    clock = ManualClock(now=time.time())
+    table = LeaseTable(clock=clock)
+    src = vllm_like_cpu_cache()
+    with running_server(src, leases=table, unknown_request_wait_s=0.0) as ends:
+        table.add("held", [1, 2], expires_at=clock() + 1)
+        table.add("done", [3], expires_at=clock() + 1)
+        table.release("done")
+        control = ends.control_client()
+        states = control.renew(ends.address, ["held", "unknown", "done"], 50.0)
+        assert states == ["held", "pending", "gone"]
+        clock.advance(40)  # past the hold's own expiry, within the renewal
+        assert table.reap_expired() == []
+        # The pending renewal is applied when the hold arrives.
+        table.add("unknown", [4], expires_at=clock() + 1)
+        clock.advance(5)
+        assert table.reap_expired() == []
+        assert control.release(ends.address, "held") is True
+        assert ("held", EndReason.RELEASED) in table.drain_done()
+        assert control.release(ends.address, "never-held") is False
+        control.close()
+        # The control handshake needs no KV fingerprint, and grants no reads.
+        conn = BlockConnection(ends.address, ClientSettings(secret=SECRET), None)
+        assert conn.remote_engine_id == ENGINE_ID
+        dst = KVCacheAccess(vllm_like_cpu_cache(fill="zeros"))
+        with pytest.raises(wire.RemoteError) as info:
+            conn.read_blocks("unknown", [4], dst, [4], hold_token=hold_token("unknown"))
+        assert info.value.code == wire.ERR_MALFORMED
+        with pytest.raises(wire.WireError):
+            wire.recv_frame(conn.sock)  # and the connection is closed
+        conn.sock.close()
+        assert len(table) == 1  # "unknown" is untouched by the refused read
+        # The same client secret with a wrong one is refused as on a data connection.
+        bad = ends.control_client(secret=b"wrong")
+        with pytest.raises(wire.RemoteError) as auth:
+            bad.renew(ends.address, ["unknown"], 5.0)
+        assert auth.value.code == wire.ERR_AUTH
+        bad.close()
+
+
+def test_unknown_connection_mode_is_refused() -> None:
+    src = vllm_like_cpu_cache()
+    with running_server(src) as ends, socket.create_connection(ends.address, timeout=5) as sock:
+        challenge = wire.recv_frame(sock)
+        client_nonce = wire.new_nonce()
+        wire.send_frame(
+            sock,
+            {
+                "op": "hello",
+                "v": wire.PROTOCOL_VERSION,
+                "nonce": client_nonce,
+                "mac": wire.client_mac(SECRET, challenge["nonce"], client_nonce),
+                "mode": "admin",
+            },
+        )
+        reply = wire.recv_frame(sock)
+        assert reply["op"] == "error" and reply["code"] == wire.ERR_MALFORMED
+
+
+def _send_raw_renew(address: tuple[str, int], message: dict[str, object]) -> None:
+    """Send one renew frame on a fresh control connection; the server must hang up."""
+    conn = BlockConnection(address, ClientSettings(secret=SECRET, io_timeout_s=5.0), None)
+    try:
+        wire.send_frame(conn.sock, {"op": "renew", **message})
+        with pytest.raises(wire.WireError):
+            wire.recv_frame(conn.sock)
+    finally:
+        conn.sock.close()
+
+
+class SignallingLeases(LeaseTable):
+    """Sets ``acquiring`` when a read starts waiting for its lease."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(clock=clock)
+        self.acquiring = threading.Event()
+
+    def acquire(self, request_id: str, block_ids: Sequence[int], wait_s: float) -> Lease:
+        self.acquiring.set()
+        return super().acquire(request_id, block_ids, wait_s)
+
+
+MALFORMED_RENEWALS: list[dict[str, object]] = [
+    {"reqs": ["a", "b", "c", "d", "e"], "extend_s": 5.0},  # more than the frame bound (4)
+    {"reqs": ["other"], "extend_s": 0},
+    {"reqs": ["other"], "extend_s": -5.0},
+    {"reqs": ["other"], "extend_s": 3601.0},
+    {"reqs": ["other"], "extend_s": float("inf")},
+    {"reqs": ["other"], "extend_s": float("nan")},
+    {"reqs": ["other"], "extend_s": True},
+    {"reqs": ["other"], "extend_s": "5"},
+    {"reqs": ["other"]},
+    {"reqs": "other", "extend_s": 5.0},
+    {"reqs": ["other", 7], "extend_s": 5.0},
+]
+
+
+def test_malformed_renew_closes_its_connection_while_a_pull_completes() -> None:
+    src = vllm_like_cpu_cache(seed=4)
+    dst = vllm_like_cpu_cache(fill="zeros")
+    clock = ManualClock(now=time.time())
+    table = SignallingLeases(clock=clock)
+    with running_server(src, leases=table, max_renewals_per_frame=4) as ends:
+        table.add("other", [9], expires_at=clock() + 1)
+        result: dict[str, object] = {}
+
+        def pull() -> None:
+            client = ends.client()
+            try:
+                result["nbytes"] = client.pull(
+                    ends.address,
+                    "big",
+                    [1, 2, 3],
+                    KVCacheAccess(dst),
+                    [4, 5, 6],
+                    hold_token=hold_token("big"),
+                )
+            except Exception as exc:
+                result["error"] = exc
+            finally:
+                client.close()
+
+        transfer = threading.Thread(target=pull)
+        transfer.start()
+        # Forced overlap: the pull's connection waits at the lease table for its hold while
+        # every malformed renewal arrives on a connection of its own.
+        assert table.acquiring.wait(timeout=10)
+        for message in MALFORMED_RENEWALS:
+            _send_raw_renew(ends.address, message)
+        assert transfer.is_alive(), result
+        table.add("big", [1, 2, 3], far_future())
+        transfer.join(timeout=30)
+        assert "error" not in result, result
+        # The malformed frames changed nothing: "other" still ends at its own expiry.
+        clock.advance(2)
+        assert table.reap_expired() == ["other"]
+        # The server still answers well-formed renewals (at the bounds) on a new connection.
+        control = ends.control_client()
+        assert control.renew(ends.address, ["a", "b", "c", "d"], 3600.0) == ["pending"] * 4
+        control.close()
+    assert blocks_equal(src, [1, 2, 3], dst, [4, 5, 6])
+
+
+def test_read_with_a_hold_token_waits_for_a_hold_registered_after_it() -> None:
+    """The core race: the prefill's answer (and the decode's read) is faster than the next
+    prefill engine step, which registers the hold."""
+    src = vllm_like_cpu_cache(seed=6)
+    dst = vllm_like_cpu_cache(fill="zeros")
+    table = SignallingLeases()
+    with running_server(
+        src, leases=table, unknown_request_wait_s=0.0, pending_hold_wait_s=30.0
+    ) as ends:
+        result: dict[str, object] = {}
+
+        def pull() -> None:
+            client = ends.client()
+            try:
+                result["nbytes"] = client.pull(
+                    ends.address,
+                    "early",
+                    [4, 5],
+                    KVCacheAccess(dst),
+                    [6, 7],
+                    hold_token=hold_token("early"),
+                )
+            except Exception as exc:
+                result["error"] = exc
+            finally:
+                client.close()
+
+        reader = threading.Thread(target=pull)
+        reader.start()
+        # Forced order: the read is at the lease table before the hold exists.
+        assert table.acquiring.wait(timeout=10)
+        reader.join(timeout=0.2)
+        assert reader.is_alive(), result
+        assert len(table) == 0
+        table.add("early", [4, 5], far_future())
+        reader.join(timeout=30)
+        assert not reader.is_alive()
+        assert "error" not in result, result
+        # The server finishes its bookkeeping just after the last byte left.
+        assert wait_until(lambda: len(ends.transfers) == 1, 5)
+        assert result["nbytes"] == ends.transfers[0][0]
+        # The read released the lease.
+        assert wait_until(lambda: len(table) == 0, 5)
+        assert table.drain_done() == [("early", EndReason.RELEASED)]
+    assert blocks_equal(src, [4, 5], dst, [6, 7])
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        hold_token("other-request"),
+        hold_token("early", secret=b"other-secret"),
+        hold_token("early", engine_id="other-engine"),
+        "0" * 64,
+    ],
+    ids=["none", "other-request", "other-secret", "other-engine", "forged"],
+)
+def test_read_without_a_valid_hold_token_is_refused_at_once(token: str) -> None:
+    src = vllm_like_cpu_cache()
+    dst = KVCacheAccess(vllm_like_cpu_cache(fill="zeros"))
+    with running_server(src, unknown_request_wait_s=0.0, pending_hold_wait_s=30.0) as ends:
+        client = ends.client()
+        started = time.monotonic()
+        with pytest.raises(wire.RemoteError) as info:
+            client.pull(ends.address, "early", [4, 5], dst, [6, 7], hold_token=token)
+        assert info.value.code == wire.ERR_UNKNOWN_REQUEST
+        assert time.monotonic() - started < 5  # not the 30 s wait for an issued hold
+        # The connection stays usable for the next read.
+        ends.leases.add("ok", [1], far_future())
+        assert client.pull(ends.address, "ok", [1], dst, [1]) > 0
+        client.close()
+        assert ends.refusals
+
+
+def test_read_with_a_valid_hold_token_for_an_ended_lease_is_refused_at_once() -> None:
+    src = vllm_like_cpu_cache()
+    dst = KVCacheAccess(vllm_like_cpu_cache(fill="zeros"))
+    with running_server(src, pending_hold_wait_s=30.0) as ends:
+        ends.leases.add("once", [1], far_future())
+        ends.leases.release("once")
+        client = ends.client()
+        started = time.monotonic()
+        with pytest.raises(wire.RemoteError) as info:
+            client.pull(ends.address, "once", [1], dst, [1], hold_token=hold_token("once"))
+        client.close()
+        assert info.value.code == wire.ERR_UNKNOWN_REQUEST
+        assert time.monotonic() - started < 5
+
+
+def test_read_with_a_non_ascii_hold_token_is_refused_cleanly() -> None:
+    """The hold token comes from a request's kv_transfer_params: whatever string it is, the
+    read is refused with unknown_request and the connection stays usable (a TypeError in
+    the token check would drop the connection as an unexpected server failure)."""
+    src = vllm_like_cpu_cache()
+    dst = KVCacheAccess(vllm_like_cpu_cache(fill="zeros"))
+    with running_server(src, unknown_request_wait_s=0.0) as ends:
+        ends.leases.add("ok", [1], far_future())
+        client = ends.client()
+        with pytest.raises(wire.RemoteError) as info:
+            client.pull(ends.address, "early", [4], dst, [6], hold_token="é" * 64)
+        assert info.value.code == wire.ERR_UNKNOWN_REQUEST
+        assert client.pull(ends.address, "ok", [1], dst, [1]) > 0
+        client.close()

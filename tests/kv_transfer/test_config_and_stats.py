@@ -10,11 +10,15 @@ import pytest
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from kv_transfer.config import TransferSettings, connector_config, connector_config_json
+from kv_transfer.params import RecomputeReason
 from kv_transfer.stats import (
     BLOCKS_HELD,
     BYTES_TOTAL,
     FAILURES_TOTAL,
     LEASES_EXPIRED_TOTAL,
+    METRIC_NAMES,
+    RECOMPUTED_REQUESTS_TOTAL,
+    RECOMPUTED_TOKENS_TOTAL,
     SECONDS,
     StatsRecorder,
     TcpTransferPromMetrics,
@@ -90,8 +94,38 @@ def test_stats_aggregate_and_reduce() -> None:
     assert not rebuilt.is_empty()
 
 
-def _sample(name: str) -> float | None:
-    return REGISTRY.get_sample_value(name, {"model_name": "tiny", "engine": "0"})
+def test_recomputed_stats_aggregate_and_reduce() -> None:
+    a = StatsRecorder()
+    a.recomputed(RecomputeReason.PULL_FAILED, 64)
+    a.recomputed(RecomputeReason.PULL_FAILED, 32)
+    a.recomputed(RecomputeReason.UNUSABLE, 70)
+    b = StatsRecorder()
+    b.recomputed(RecomputeReason.PULL_FAILED, 10)
+    b.recomputed(RecomputeReason.LEASE_LOST, 5)
+    merged, other = a.drain(), b.drain()
+    assert merged is not None and other is not None
+    # A recompute alone is worth reporting: the step's stats are not empty.
+    assert not merged.is_empty() and not other.is_empty()
+    merged.aggregate(other)
+    assert merged.data["recomputed"] == {
+        "pull_failed": [3, 106],
+        "unusable": [1, 70],
+        "lease_lost": [1, 5],
+    }
+    assert merged.reduce()["recomputed"] == 5
+    # Aggregating did not change the other side's counts.
+    assert other.data["recomputed"] == {"pull_failed": [1, 10], "lease_lost": [1, 5]}
+    # The API-server side rebuilds the object from its dict (lists may arrive as tuples).
+    rebuilt = TcpTransferStats(data=merged.to_dict())
+    rebuilt.aggregate(TcpTransferStats(data={"recomputed": {"unusable": (2, 20)}}))
+    assert rebuilt.data["recomputed"]["unusable"] == [3, 90]
+    assert a.drain() is None and b.drain() is None
+    empty = TcpTransferStats()
+    assert empty.is_empty() and empty.reduce()["recomputed"] == 0
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {"model_name": "tiny", "engine": "0", **labels})
 
 
 def test_prometheus_metrics_observe_with_contract_names() -> None:
@@ -117,3 +151,36 @@ def test_prometheus_metrics_observe_with_contract_names() -> None:
     assert _sample(FAILURES_TOTAL) == 1
     assert _sample(LEASES_EXPIRED_TOTAL) == 3
     assert _sample(BLOCKS_HELD) == 5
+
+
+def test_prometheus_recompute_series_exist_from_the_start() -> None:
+    vllm_config = SimpleNamespace(kv_transfer_config=None)
+    types: dict[Any, Any] = {Counter: Counter, Gauge: Gauge, Histogram: Histogram}
+    labels = ["model_name", "engine"]
+    per_engine: dict[int, list[object]] = {0: ["tiny", "0"], 1: ["tiny", "1"]}
+    metrics = TcpTransferPromMetrics(vllm_config, types, labels, per_engine)  # type: ignore[arg-type]
+    assert {RECOMPUTED_REQUESTS_TOTAL, RECOMPUTED_TOKENS_TOTAL} <= set(METRIC_NAMES)
+    # Every reason, on every engine, at 0 before anything happened (rate() and alerts work).
+    for engine in ("0", "1"):
+        for reason in RecomputeReason.ALL:
+            for name in (RECOMPUTED_REQUESTS_TOTAL, RECOMPUTED_TOKENS_TOTAL):
+                value = REGISTRY.get_sample_value(
+                    name, {"model_name": "tiny", "engine": engine, "reason": reason}
+                )
+                assert value == 0, (name, engine, reason)
+    metrics.observe({"recomputed": {"pull_failed": [2, 96], "unusable": [1, 70]}}, engine_idx=1)
+    metrics.observe({"recomputed": {"pull_failed": [1, 4], "not-a-reason": [9, 9]}}, engine_idx=1)
+    assert _sample(RECOMPUTED_REQUESTS_TOTAL, reason="pull_failed") == 0  # engine 0 untouched
+
+    def sample1(name: str, reason: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            name, {"model_name": "tiny", "engine": "1", "reason": reason}
+        )
+
+    assert sample1(RECOMPUTED_REQUESTS_TOTAL, "pull_failed") == 3
+    assert sample1(RECOMPUTED_TOKENS_TOTAL, "pull_failed") == 100
+    assert sample1(RECOMPUTED_REQUESTS_TOTAL, "unusable") == 1
+    assert sample1(RECOMPUTED_TOKENS_TOTAL, "unusable") == 70
+    assert sample1(RECOMPUTED_REQUESTS_TOTAL, "lease_lost") == 0
+    # Label values come from a fixed set, never from what a stats dict carries.
+    assert sample1(RECOMPUTED_REQUESTS_TOTAL, "not-a-reason") is None

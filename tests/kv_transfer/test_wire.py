@@ -10,6 +10,7 @@ import msgpack
 import pytest
 
 from kv_transfer import wire
+from kv_transfer.block_client import BlockConnection, ClientSettings
 
 
 def test_frame_roundtrip_preserves_types() -> None:
@@ -96,3 +97,51 @@ def test_fingerprint_differences_name_the_fields() -> None:
     assert any(d.startswith("dtype:") for d in diffs)
     assert any(d.startswith("block_size:") for d in diffs)
     assert wire.KVFingerprint.from_wire(ours.to_wire()) == ours
+
+
+def _hello_sent_by(fingerprint: wire.KVFingerprint | None) -> dict[str, object]:
+    """Run a client handshake against a minimal server; return the hello it sent."""
+    secret = b"s"
+    seen: dict[str, object] = {}
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                server_nonce = wire.new_nonce()
+                wire.send_frame(
+                    conn, {"op": "challenge", "v": 1, "nonce": server_nonce, "engine_id": "p"}
+                )
+                hello = wire.recv_frame(conn)
+                seen.update(hello)
+                mac = wire.server_mac(secret, server_nonce, hello["nonce"])
+                wire.send_frame(conn, {"op": "welcome", "mac": mac, "fingerprint": {}})
+                wire.recv_frame(conn)  # bye
+
+        server = threading.Thread(target=serve)
+        server.start()
+        client = BlockConnection(listener.getsockname(), ClientSettings(secret=secret), fingerprint)
+        assert client.remote_engine_id == "p"
+        client.close()
+        server.join(timeout=10)
+    return seen
+
+
+def test_control_hello_names_its_mode_and_data_hello_its_fingerprint() -> None:
+    fingerprint = wire.KVFingerprint("m", "torch.float32", 16, "LBHNC", 2, (2, 16, 64))
+    control = _hello_sent_by(None)
+    assert control["mode"] == wire.MODE_CONTROL and "fingerprint" not in control
+    data = _hello_sent_by(fingerprint)
+    # A data hello looks as it did before control connections existed (older servers).
+    assert "mode" not in data
+    assert data["fingerprint"] == fingerprint.to_wire()
+    assert wire.MODE_DATA != wire.MODE_CONTROL
+
+
+def test_renew_frame_roundtrip_keeps_float_and_id_list() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        message = {"op": "renew", "reqs": ["r-1", "r-2"], "extend_s": 0.5}
+        wire.send_frame(a, message)
+        got = wire.recv_frame(b)
+        assert got == message and isinstance(got["extend_s"], float)

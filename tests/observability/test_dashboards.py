@@ -39,11 +39,14 @@ CONTRACT_METRICS = {
     "pdserve_ejections",
     "pdserve_timeouts",
     "pdserve_routing_decisions",
+    "pdserve_kv_handoffs",
     "pdserve_kv_transfer_bytes",
     "pdserve_kv_transfer_seconds",
     "pdserve_kv_transfer_failures",
     "pdserve_kv_blocks_held",
     "pdserve_kv_leases_expired",
+    "pdserve_kv_recomputed_requests",
+    "pdserve_kv_recomputed_tokens",
 }
 RECORDING_RULES = {"pdserve:slo_ttft_p99_seconds"}
 
@@ -162,6 +165,49 @@ def test_every_contract_metric_is_on_some_dashboard() -> None:
         for m in metric_names(expr)
     }
     assert CONTRACT_METRICS - used == set()
+
+
+def test_contract_metrics_are_the_ones_the_code_exports() -> None:
+    """The proxy's and the connector's metric names, read from their source (no vLLM import)."""
+    exported = set()
+    for source in ("proxy/metrics.py", "kv_transfer/stats.py"):
+        exported |= set(re.findall(r'"(pdserve_[a-z0-9_]+)"', (REPO / source).read_text()))
+    assert {family_name(name) for name in exported} == CONTRACT_METRICS
+
+
+def _panel(dashboard: str, title: str) -> dict[str, Any]:
+    (panel,) = [p for p in ALL[dashboard]["panels"] if p["title"] == title]
+    return panel
+
+
+def test_kv_recompute_panels() -> None:
+    """Recomputation answers HTTP 200: these panels are where it shows."""
+    for dashboard, title in (
+        ("pdserve-kv-transfer.json", "KV recomputed (decode)"),
+        ("pdserve-decode.json", "KV recomputed / s"),
+    ):
+        exprs = [t["expr"] for t in _panel(dashboard, title)["targets"]]
+        assert [e.startswith("sum by (reason) (rate(") for e in exprs] == [True, True]
+        assert [metric_names(e) for e in exprs] == [
+            {"pdserve_kv_recomputed_requests_total"},
+            {"pdserve_kv_recomputed_tokens_total"},
+        ]
+        assert all('model_name=~"$model"' in e and 'instance=~"$instance"' in e for e in exprs)
+    handoffs = _panel("pdserve-kv-transfer.json", "PD handoff outcomes")
+    outcomes, ratio = (t["expr"] for t in handoffs["targets"])
+    assert outcomes.startswith("sum by (outcome) (rate(pdserve_kv_handoffs_total{")
+    assert metric_names(ratio) == {"pdserve_kv_recomputed_requests_total", "pdserve_requests_total"}
+    assert 'path="disaggregated"' in ratio
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_right_axis_overrides_name_existing_queries(name: str) -> None:
+    for panel in ALL[name]["panels"]:
+        ref_ids = {t["refId"] for t in panel["targets"]}
+        for override in panel["fieldConfig"]["overrides"]:
+            matcher = override["matcher"]
+            assert matcher["id"] == "byFrameRefID", panel["title"]
+            assert matcher["options"] in ref_ids, panel["title"]
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:

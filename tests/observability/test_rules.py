@@ -126,6 +126,7 @@ def test_every_alert_has_severity_summary_and_description() -> None:
         "PdserveKVTransferFailures",
         "PdserveKVLeaseExpired",
         "PdserveKVBlocksHeldWithoutTraffic",
+        "PdserveKVRecomputeHigh",
     } <= names
 
 

@@ -75,12 +75,21 @@ def test_sigterm_stops_the_server_group(
     )
     started: list[subprocess.Popen[bytes]] = []
 
-    def fake_start(spec: WorkerSpec, log_path: Path | None = None, *, validate: bool = True):
-        proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    def fake_start(
+        spec: WorkerSpec,
+        log_path: Path | None = None,
+        *,
+        validate: bool = True,
+        pass_fds: tuple[int, ...] = (),
+    ) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], start_new_session=True, pass_fds=pass_fds
+        )
         started.append(proc)
         return proc
 
     monkeypatch.setattr(worker_cli, "start_worker", fake_start)
+    monkeypatch.setenv("PDSERVE_CORE_CLAIMS_DIR", str(tmp_path / "claims"))  # not the host's
     args = _args("decode", "--model", str(model_dir), "--port", "0", "--stop-grace-s", "5")
     monkeypatch.setattr(worker_cli, "validate_spec", lambda spec: None)
 
