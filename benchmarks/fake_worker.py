@@ -69,6 +69,8 @@ class FakeWorker:
     # Decode: the pdserve KV outcome reported in non-streamed answers to remote-prefill
     # requests, as a pdserve decode worker does (None: say nothing, as stock vLLM does).
     kv_outcome: str | None = None
+    # Prefill: fields merged into the kv_transfer_params it hands out (e.g. a real KV server).
+    kv_params_override: dict[str, Any] = field(default_factory=dict)
     record: bool = True
     faults: Faults = field(default_factory=Faults)
     requests: list[RecordedRequest] = field(default_factory=list)
@@ -281,6 +283,8 @@ class FakeWorker:
             "remote_blocks_expiry_time": time.time() + 30.0,
             "tp_size": 1,
             "block_size": 16,
+            "transfer_mode": "fake-nixl",
+            **self.kv_params_override,
         }
 
     def _record(self, request: web.Request, body: Any) -> None:

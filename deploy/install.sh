@@ -51,8 +51,18 @@ if [ "$with_prometheus" = 1 ] && ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then sudo=(); else sudo=(sudo); fi
   export DEBIAN_FRONTEND=noninteractive
   "${sudo[@]}" apt-get update -qq
-  "${sudo[@]}" apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  # The Debian package starts a system Prometheus on :9090; the tests run their own on a free port.
-  if command -v systemctl >/dev/null 2>&1; then "${sudo[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
-  pkill -x prometheus 2>/dev/null || true
+  # Only the binaries are wanted (the tests run their own Prometheus on a free port): a
+  # policy-rc.d that answers 101 keeps the package from starting a system service, so this
+  # installer never starts, stops or disables a service of the machine's.
+  policy=/usr/sbin/policy-rc.d
+  if [ -e "$policy" ]; then
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    trap '"${sudo[@]}" rm -f "$policy"' EXIT
+    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
+    "${sudo[@]}" chmod 755 "$policy"
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    "${sudo[@]}" rm -f "$policy"
+    trap - EXIT
+  fi
 fi

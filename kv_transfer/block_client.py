@@ -13,10 +13,12 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from kv_transfer import wire
-from kv_transfer.device import KVCacheAccess
+
+if TYPE_CHECKING:  # a control-only client (the proxy's) must not import torch
+    from kv_transfer.device import KVCacheAccess
 
 logger = logging.getLogger(__name__)
 

@@ -75,7 +75,7 @@ class PublicAPI:
             model = req.model
             await self._catalog.check_model(model)
         except ProxyError as exc:
-            self._metrics.count_request(endpoint.value, model or "", exc.status, "")
+            self._metrics.count_request(endpoint.value, model, exc.status, "")
             return error_response(exc, request_id)
         headers = b"Content-Type: application/json\r\nX-Request-Id: %s\r\n" % request_id.encode()
         client_headers = request.headers

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections.abc import Callable
 
 import orjson
 
 from proxy.errors import ProxyError
-from proxy.instances import Role
+from proxy.health import supervised
+from proxy.instances import Instance, Role
 from proxy.registry import InstanceRegistry
 from proxy.upstream import UpstreamError, UpstreamPool
 
@@ -24,10 +27,20 @@ FETCH_TIMEOUT_S = 2.0
 RETRY_AFTER_S = 1.0
 
 
+log = logging.getLogger(__name__)
+
+
 class ModelCatalog:
-    def __init__(self, registry: InstanceRegistry, pool: UpstreamPool) -> None:
+    def __init__(
+        self,
+        registry: InstanceRegistry,
+        pool: UpstreamPool,
+        on_models: Callable[[frozenset[str]], None] | None = None,
+    ) -> None:
+        """``on_models(ids)`` is called with every model list fetched."""
         self._registry = registry
         self._pool = pool
+        self._on_models = on_models
         self._body: bytes | None = None
         self._ids: frozenset[str] | None = None
         self._fetched_at = 0.0
@@ -68,22 +81,29 @@ class ModelCatalog:
         await asyncio.shield(task)
 
     async def _fetch(self) -> None:
+        # A background task: nothing awaits it when a stale list is refreshed, so an
+        # unexpected error with one instance is logged and the next one is asked.
         for instance in self._registry.routable(Role.DECODE):
-            try:
-                status, body = await self._pool.get(instance.url, "/v1/models", FETCH_TIMEOUT_S)
-            except (UpstreamError, TimeoutError, OSError):
-                continue
-            if status != 200:
-                continue
-            try:
-                data = orjson.loads(body)
-                ids = frozenset(
-                    card["id"] for card in data["data"] if isinstance(card.get("id"), str)
-                )
-            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-                continue
-            self._body, self._ids, self._fetched_at = body, ids, time.monotonic()
-            return
+            with supervised(log, "fetching /v1/models from %s", instance.url):
+                if await self._fetch_from(instance):
+                    return
+
+    async def _fetch_from(self, instance: Instance) -> bool:
+        try:
+            status, body = await self._pool.get(instance.url, "/v1/models", FETCH_TIMEOUT_S)
+        except (UpstreamError, TimeoutError, OSError):
+            return False
+        if status != 200:
+            return False
+        try:
+            data = orjson.loads(body)
+            ids = frozenset(card["id"] for card in data["data"] if isinstance(card.get("id"), str))
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return False
+        self._body, self._ids, self._fetched_at = body, ids, time.monotonic()
+        if self._on_models is not None:
+            self._on_models(ids)
+        return True
 
     async def stop(self) -> None:
         task, self._refreshing = self._refreshing, None

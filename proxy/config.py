@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from proxy.registry import normalise_url
+
 MIB = 1024 * 1024
+KV_SECRET_ENV = "PDSERVE_KV_SECRET"
 
 
 class _Strict(BaseModel):
@@ -67,24 +71,29 @@ class ProxyConfig(_Strict):
     # Idle upstream connections are closed before vLLM's own 5 s keep-alive does it,
     # so the proxy never writes a request onto a socket the worker is closing.
     upstream_keepalive_s: float = Field(default=4.0, gt=0)
+    # At most this many connections to one instance; further requests queue (FIFO) for
+    # one within their stage deadline. Health checks are not held back by the cap.
+    upstream_max_connections_per_instance: int = Field(default=256, ge=1)
     max_body_bytes: int = Field(default=8 * MIB, gt=0)
+    # The KV transfer's shared secret, to release prefill blocks no decode leg will read.
+    # Read from this file (mode 0600), else from $PDSERVE_KV_SECRET; never from the command line.
+    kv_secret_file: Path | None = None
+
+    def kv_secret(self) -> bytes:
+        """The secret the workers authenticate KV peers with (empty if none is configured)."""
+        if self.kv_secret_file is not None:
+            try:
+                return self.kv_secret_file.read_bytes().strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"kv_secret_file: cannot read {self.kv_secret_file}: {exc}"
+                ) from None
+        return os.environ.get(KV_SECRET_ENV, "").encode()
 
     @field_validator("prefill", "decode")
     @classmethod
     def _normalise_urls(cls, urls: list[str]) -> list[str]:
         return [normalise_url(url) for url in urls]
-
-
-def normalise_url(url: str) -> str:
-    """``host:port`` or ``http://host:port/`` -> ``http://host:port`` (the instance's identity)."""
-    url = url.strip()
-    if not url:
-        raise ValueError("instance URL is empty")
-    if "://" not in url:
-        url = "http://" + url
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"instance URL {url!r} must use http:// or https://")
-    return url.rstrip("/")
 
 
 def load_proxy_config(path: str | Path) -> ProxyConfig:

@@ -4,7 +4,11 @@ Every ``interval_s`` each registered instance gets ``GET /health``. An instance 
 fails ``failures_to_eject`` checks in a row is ejected (routing never sees it); an
 ejected one that passes ``successes_to_readmit`` checks in a row is routable again.
 The request flow also reports connection failures here, so a dead instance is
-ejected as soon as requests notice, not only at the next check.
+ejected as soon as requests notice, not only at the next check. Any answer but 200
+(a 503 while the engine is down, a 500) is a failed check.
+
+Every background loop of the proxy runs its iterations under :func:`supervised`: an
+unexpected error is logged with what was being done, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 
 from proxy.config import HealthConfig
 from proxy.instances import Instance
@@ -20,6 +25,16 @@ from proxy.registry import InstanceRegistry
 from proxy.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def supervised(logger: logging.Logger, what: str, *args: object) -> Iterator[None]:
+    """Run one iteration of a background loop: an unexpected error is logged, with a
+    traceback and ``what % args``, instead of ending the loop. Cancellation passes."""
+    try:
+        yield
+    except Exception:
+        logger.exception("unexpected error in " + what + "; carrying on", *args)
 
 
 class HealthTracker:
@@ -48,7 +63,10 @@ class HealthTracker:
         instance.consecutive_failures += 1
         if instance.healthy and instance.consecutive_failures >= self._config.failures_to_eject:
             self._registry.set_healthy(instance, False)
-            self._metrics.ejections.labels(instance.role.value, instance.url).inc()
+            if self._registry.get(instance.url) is instance:
+                # A check or request that ends after the instance was removed must not
+                # bring back the series removal dropped.
+                self._metrics.ejections.labels(instance.role.value, instance.url).inc()
             log.warning(
                 "ejected %s instance %s after %d consecutive failures (last: %s)",
                 instance.role,
@@ -87,12 +105,22 @@ class HealthChecker:
         """One round over every registered instance, concurrently."""
         instances = self._registry.instances()
         if instances:
-            await asyncio.gather(*(self._check(instance) for instance in instances))
+            await asyncio.gather(*(self._check_supervised(instance) for instance in instances))
 
     async def _run(self) -> None:
         while True:
-            await self.check_all()
+            with supervised(log, "health check round"):
+                await self.check_all()
             await asyncio.sleep(self._config.interval_s)
+
+    async def _check_supervised(self, instance: Instance) -> None:
+        """One instance's check; an unexpected error counts as a failed check."""
+        failed = True
+        with supervised(log, "health check of %s instance %s", instance.role, instance.url):
+            await self._check(instance)
+            failed = False
+        if failed:
+            self._tracker.record_failure(instance, "unexpected error checking it (logged)")
 
     async def _check(self, instance: Instance) -> None:
         try:

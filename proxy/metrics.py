@@ -184,6 +184,13 @@ class ProxyMetrics:
             ["outcome"],
             registry=r,
         )
+        self.kv_releases = Counter(
+            "pdserve_kv_releases",
+            "Releases the proxy sent to prefill instances for KV no decode leg would read, by "
+            "outcome: released, not_held (already freed, or freed when the hold arrives), failed.",
+            ["outcome"],
+            registry=r,
+        )
         self.kv_handoff_outcomes = {
             outcome: self.kv_handoffs.labels(outcome) for outcome in HANDOFF_OUTCOMES
         }
@@ -195,6 +202,7 @@ class ProxyMetrics:
         # Models the decode pool serves (set by the model catalog): the only model label
         # values besides UNKNOWN_MODEL and "" (no model given).
         self._known_models: frozenset[str] = frozenset()
+        self._served_models: set[str] = set()
         # pdserve_routing_decisions_total children by (role, instance URL); the request
         # path reads this dict, so a removed instance must leave it too.
         self.decisions: dict[tuple[Role, str], Counter] = {}
@@ -203,11 +211,21 @@ class ProxyMetrics:
     def set_known_models(self, models: frozenset[str]) -> None:
         self._known_models = models
 
-    def model_label(self, model: str | None) -> str:
-        """The client's model name as a label value: a served model, "unknown" or ""."""
+    def model_label(self, model: str | None, served: bool = False) -> str:
+        """The client's model name as a label value: a served model, "unknown" or "".
+
+        ``served``: a worker answered this request for ``model`` with success, so the model is
+        real even when the catalog has not been fetched yet (startup, a worker just added).
+        Such names are kept, up to ``MAX_SERVED_MODELS``: a worker that accepts any name cannot
+        make the label set grow without bound."""
         if not model:
             return ""
-        return model if model in self._known_models else UNKNOWN_MODEL
+        if model in self._known_models or model in self._served_models:
+            return model
+        if served and len(self._served_models) < MAX_SERVED_MODELS:
+            self._served_models.add(model)
+            return model
+        return UNKNOWN_MODEL
 
     def decision_counter(self, role: Role, policy: str, instance: str) -> Counter:
         """The routing-decision child for an instance, cached in :attr:`decisions`."""
@@ -231,7 +249,7 @@ class ProxyMetrics:
 
     def count_request(self, endpoint: str, model: str | None, status: int, path: str) -> None:
         """``model`` is the client's: it is mapped to a bounded label value here."""
-        key = (endpoint, self.model_label(model), status, path)
+        key = (endpoint, self.model_label(model, served=status == 200), status, path)
         child = self._request_children.get(key)
         if child is None:
             child = self._request_children[key] = self.requests.labels(
@@ -253,6 +271,7 @@ class ProxyMetrics:
 # The model label of requests naming a model the decode pool does not serve (or before
 # its model list is known): client-chosen strings never become label values.
 UNKNOWN_MODEL = "unknown"
+MAX_SERVED_MODELS = 64
 
 HANDOFF_OUTCOMES = (
     Outcome.TRANSFERRED,

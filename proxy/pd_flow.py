@@ -23,6 +23,7 @@ from proxy.config import TimeoutConfig
 from proxy.errors import ProxyError
 from proxy.health import HealthTracker
 from proxy.instances import Instance, Role
+from proxy.kv_release import KVReleaser
 from proxy.metrics import ProxyMetrics
 from proxy.registry import InstanceRegistry
 from proxy.request import ClientRequest, Endpoint
@@ -93,6 +94,7 @@ class PDFlow:
         health: HealthTracker,
         timeouts: TimeoutConfig,
         disagg_min_prompt_tokens: int,
+        kv_releaser: KVReleaser | None = None,
     ) -> None:
         self._registry = registry
         self._pool = pool
@@ -102,6 +104,7 @@ class PDFlow:
         self._health = health
         self._timeouts = timeouts
         self._disagg_min = disagg_min_prompt_tokens
+        self._kv_releaser = kv_releaser
         self._timeout_counters = {
             stage: metrics.timeouts.labels(stage)
             for stage in ("connect", "prefill", "first_byte", "stall")
@@ -143,7 +146,8 @@ class PDFlow:
             status = CLIENT_CLOSED_STATUS
             raise
         finally:
-            endpoint, model = req.endpoint.value, self._metrics.model_label(req.model)
+            endpoint = req.endpoint.value
+            model = self._metrics.model_label(req.model, served=status == 200)
             self._metrics.count_request(endpoint, model, status, path.value)
             elapsed = asyncio.get_running_loop().time() - started
             self._metrics.e2e.labels(endpoint, model, path.value).observe(elapsed)
@@ -173,6 +177,7 @@ class PDFlow:
         routing = RoutingRequest(request_id, req.prompt, req.prompt_tokens, req.max_tokens)
         body = req.raw
         prefilled_at: float | None = None
+        kv_params: dict[str, Any] | None = None
         if path is RoutePath.DISAGGREGATED:
             kv_params = await self._prefill_with_retry(req, routing, headers)
             if kv_params is None:  # the prefill pool emptied meanwhile
@@ -180,21 +185,28 @@ class PDFlow:
             else:
                 prefilled_at = asyncio.get_running_loop().time()
                 body = with_kv_transfer_params(req, kv_params)
-        candidates = self._registry.routable(Role.DECODE)
-        if not candidates:
-            raise ProxyError(503, "no healthy decode instance")
-        instance = self._select(self._decode, candidates, routing)
-        load = req.prompt_tokens + req.max_tokens
-        instance.in_flight_requests += 1
-        instance.in_flight_tokens += load
+        status = 500
         try:
-            response, status = await self._decode_leg(
-                http_request, req, instance, body, headers, request_id, started, path,
-                routing, prefilled_at,
-            )  # fmt: skip
+            candidates = self._registry.routable(Role.DECODE)
+            if not candidates:
+                raise ProxyError(503, "no healthy decode instance")
+            instance = self._select(self._decode, candidates, routing)
+            load = req.prompt_tokens + req.max_tokens
+            instance.in_flight_requests += 1
+            instance.in_flight_tokens += load
+            try:
+                response, status = await self._decode_leg(
+                    http_request, req, instance, body, headers, request_id, started, path,
+                    routing, prefilled_at,
+                )  # fmt: skip
+            finally:
+                instance.in_flight_requests -= 1
+                instance.in_flight_tokens -= load
         finally:
-            instance.in_flight_requests -= 1
-            instance.in_flight_tokens -= load
+            if kv_params is not None and status != 200 and self._kv_releaser is not None:
+                # The decode leg did not complete: its blocks may never be read. Releasing
+                # blocks a decode did read (or still reads) is harmless.
+                self._kv_releaser.release_soon(kv_params)
         return response, status, path
 
     def _select(
@@ -369,7 +381,8 @@ class PDFlow:
                     # vLLM streams carry no kv_transfer_params; the decode's own
                     # pdserve_kv_recomputed_* counters cover these.
                     metrics.kv_handoff_outcomes["unreported"].inc()
-                endpoint, model = req.endpoint.value, metrics.model_label(req.model)
+                endpoint = req.endpoint.value
+                model = metrics.model_label(req.model, served=True)  # the decode answered 200
                 metrics.ttft.labels(endpoint, model, path.value).observe(loop.time() - started)
                 itl = metrics.itl.labels(endpoint, model)
                 transport = http_request.transport

@@ -7,10 +7,16 @@ the request path reads them on every request and they change rarely.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Callable, Sequence
 
-from proxy.config import normalise_url
 from proxy.instances import Instance, Role
+
+# Longer than any real base URL (a DNS name is at most 253 characters).
+MAX_URL_LENGTH = 512
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?", re.ASCII)
+_PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
 
 
 class InstanceExistsError(ValueError):
@@ -96,3 +102,56 @@ class InstanceRegistry:
         # A new list rather than an in-place edit: a request holding the old one
         # keeps a consistent view.
         self._routable[role] = [i for i in self._by_url.values() if i.role is role and i.routable]
+
+
+def normalise_url(url: str) -> str:
+    """``host:port`` or ``http://host:port/`` -> ``http://host:port`` (the instance's identity).
+
+    Only a bare base URL the proxy can dial passes: scheme http or https, a host name or
+    IP address (IPv6 in brackets), an optional port in 1..65535, nothing else (no user
+    info, path, query or fragment). ValueError has a one-line message saying what is wrong.
+    """
+    url = url.strip()
+    if not url:
+        raise ValueError("instance URL is empty")
+    if len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"instance URL is longer than {MAX_URL_LENGTH} characters")
+    if "://" not in url:
+        url = "http://" + url
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    shown = repr(url if len(url) <= 80 else url[:77] + "...")
+    if scheme not in ("http", "https"):
+        raise ValueError(f"instance URL {shown} must use http:// or https://")
+    authority = rest.rstrip("/")
+    for char, part in (("/", "a path"), ("?", "a query"), ("#", "a fragment"), ("@", "user info")):
+        if char in authority:
+            raise ValueError(f"instance URL {shown} must be a bare base URL, without {part}")
+    if authority.startswith("["):
+        host, bracket, port_text = authority[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"instance URL {shown} has an unclosed '[' in its host")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"instance URL {shown}: {host!r} is not an IPv6 address") from None
+        host = f"[{host}]"
+        if port_text and not port_text.startswith(":"):
+            raise ValueError(f"instance URL {shown} has text after its host")
+        has_port, port_text = bool(port_text), port_text[1:]
+    else:
+        host, colon, port_text = authority.partition(":")
+        has_port = bool(colon)
+        if ":" in port_text:
+            raise ValueError(
+                f"instance URL {shown} has more than one ':' (IPv6 addresses go in brackets)"
+            )
+        if not host:
+            raise ValueError(f"instance URL {shown} has no host")
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"instance URL {shown}: {host!r} is not a host name or IP address")
+    if has_port:
+        if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"instance URL {shown}: port must be a number in 1..65535")
+        return f"{scheme}://{host}:{int(port_text)}"
+    return f"{scheme}://{host}"

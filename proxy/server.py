@@ -19,6 +19,7 @@ from proxy.catalog import ModelCatalog
 from proxy.config import ProxyConfig
 from proxy.health import HealthChecker, HealthTracker
 from proxy.instances import Instance, Role
+from proxy.kv_release import KVReleaser
 from proxy.metrics import ProxyMetrics
 from proxy.pd_flow import PDFlow, RoutedPolicy
 from proxy.registry import InstanceRegistry
@@ -43,10 +44,13 @@ class ProxyServer:
         """Policies default to the config's; ValueError names a bad policy or URL."""
         self.config = config
         self.registry = InstanceRegistry()
-        for url in config.prefill:
-            self.registry.add(url, Role.PREFILL)
-        for url in config.decode:
-            self.registry.add(url, Role.DECODE)
+        for role, urls in ((Role.PREFILL, config.prefill), (Role.DECODE, config.decode)):
+            for url in urls:
+                try:
+                    self.registry.add(url, role)
+                except ValueError as exc:
+                    # One line naming the field, as the CLI prints config errors.
+                    raise ValueError(f"{role.value}: {exc}") from None
         self.metrics = ProxyMetrics(self.registry.instances)
         self._prefill = RoutedPolicy(
             Role.PREFILL,
@@ -60,10 +64,15 @@ class ProxyServer:
             decode_policy or load_policy(config.decode_policy.name, config.decode_policy.options),
         )
         self.registry.on_remove(self._forget)
-        self._pool = UpstreamPool(config.upstream_keepalive_s, config.timeouts.connect_s)
+        self._pool = UpstreamPool(
+            config.upstream_keepalive_s,
+            config.timeouts.connect_s,
+            config.upstream_max_connections_per_instance,
+        )
+        self._kv_releaser = KVReleaser(config.kv_secret(), self.metrics.kv_releases)
         self._tracker = HealthTracker(self.registry, config.health, self.metrics)
         self.health_checker = HealthChecker(self.registry, self._pool, config.health, self._tracker)
-        self._catalog = ModelCatalog(self.registry, self._pool)
+        self._catalog = ModelCatalog(self.registry, self._pool, self.metrics.set_known_models)
         self._runners: list[web.AppRunner] = []
         self.port: int | None = None
         self.admin_port: int | None = None
@@ -87,6 +96,7 @@ class ProxyServer:
         for runner in runners:
             await runner.cleanup()
         await self._catalog.stop()
+        await self._kv_releaser.stop()
         await self._pool.close()
 
     async def __aenter__(self) -> ProxyServer:
@@ -125,6 +135,7 @@ class ProxyServer:
     def _forget(self, instance: Instance) -> None:
         routed = self._prefill if instance.role is Role.PREFILL else self._decode
         routed.policy.forget(instance)
+        self.metrics.forget_instance(instance.role, instance.url)
 
     # -- wiring -------------------------------------------------------------------------
 
@@ -139,6 +150,7 @@ class ProxyServer:
             health=self._tracker,
             timeouts=config.timeouts,
             disagg_min_prompt_tokens=config.disagg_min_prompt_tokens,
+            kv_releaser=self._kv_releaser,
         )
         public = PublicAPI(
             flow=flow,

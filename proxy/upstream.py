@@ -7,11 +7,31 @@ Why not aiohttp's client: it is correct and general, but its per-request machine
 writer) is the largest single CPU cost of a PD request, and a PD request makes two
 upstream calls. The proxy needs only POST/GET of bytes it already holds to a few
 known hosts, so this client does that and nothing else.
+
+Limits, as a mature client has them:
+
+* At most ``max_connections`` connections per instance (base URL). A request that
+  finds none idle and the cap reached waits in a FIFO queue; a finishing request hands
+  its connection straight to the first waiter, and a closed one frees a slot for it.
+  The wait is bounded only by the caller's deadline (the stage timeout), not by the
+  connect timeout: a busy instance is not an unreachable one. ``get()`` (health
+  checks, the model list) is not held back: over the cap it uses a connection of its
+  own, closed afterwards, so a saturated instance does not look dead.
+* A request is sent at most once. A pooled connection is checked just before the
+  write (closed, closing, or readable: the server closed it or sent stray bytes) and
+  replaced if unusable; once a byte of the request is written, a reset or EOF is the
+  caller's error, never a silent resend (a second prefill would strand the first's
+  KV). Only an idempotent GET is retried, once, when a reused connection dropped
+  before any answer byte.
+* Bytes after a complete response (a second response, garbage) mean the connection
+  is out of step: it is closed, not pooled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import select
 import socket
 import ssl
 from collections import deque
@@ -25,6 +45,8 @@ from yarl import URL
 # Stop reading from an upstream while this many relayed bytes wait for the client.
 _HIGH_WATER = 1 << 20
 _LOW_WATER = 1 << 18
+DEFAULT_MAX_CONNECTIONS = 256  # per instance
+_IDEMPOTENT = frozenset({b"GET", b"HEAD"})
 
 
 class UpstreamError(Exception):
@@ -124,16 +146,37 @@ class UpstreamResponse:
             conn.abandon()
 
 
+class _TrailingBytes(Exception):
+    """Raised from the parser callback when a byte follows a complete response."""
+
+
+class _Host:
+    """Per-instance pool state: idle connections, the open count, the FIFO of waiters."""
+
+    __slots__ = ("idle", "open", "origin", "waiters")
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+        self.idle: deque[_Connection] = deque()
+        # Connections open or being opened under the cap, plus slots granted to waiters.
+        self.open = 0
+        # Each resolves to a connection handed over, or None: a free slot to connect in.
+        self.waiters: deque[asyncio.Future[_Connection | None]] = deque()
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; httptools calls the on_* methods while parsing."""
 
-    def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
+    def __init__(self, pool: UpstreamPool, host: _Host, counted: bool) -> None:
         self._pool = pool
-        self.origin = origin
+        self.host = host
+        # Holds one of the host's slots (False: over the cap, never pooled; or released).
+        self.counted = counted
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
+        self._poll: select.poll | None = None
         self.buffered: list[bytes] = []
         self.buffered_bytes = 0
         self.reading_paused = False
@@ -142,6 +185,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.in_use = False
         self.received_any = False
+        self.served = 0  # requests written on this connection
         self.error: UpstreamError | None = None
         self.idle_since = 0.0
         self._content_type = b""
@@ -153,9 +197,13 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Small request heads must not wait for an ACK (Nagle + delayed ACK = 40 ms).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            # For the check before reuse; registering makes no system call.
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # Small request heads must not wait for an ACK (Nagle + delayed ACK = 40 ms).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
@@ -166,8 +214,11 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(f"invalid HTTP response: {exc}"))
             self._close_transport()
+            if not self.complete:
+                self._fail(UpstreamProtocolError(f"invalid HTTP response: {exc}"))
+            # else: bytes after a complete response (on_message_begin refused them); the
+            # response stands, the connection is closed instead of pooled.
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -181,6 +232,12 @@ class _Connection(asyncio.Protocol):
                 self._fail(UpstreamDisconnected(f"connection closed mid-response{reason}"))
 
     # -- httptools callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A byte after the end of the response: not ours to parse (a second response
+            # would be appended to this body). Stops the parser; see data_received.
+            raise _TrailingBytes
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
@@ -211,12 +268,21 @@ class _Connection(asyncio.Protocol):
 
     # -- used by the pool and the response -------------------------------------------
 
+    def unusable(self) -> bool:
+        """For a pooled connection, just before a request is written on it: closed, or
+        readable while idle (EOF: the server closed it; data: stray bytes)."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return True
+        return self._poll is not None and bool(self._poll.poll(0))
+
     def begin(self, request: bytes | list[bytes]) -> None:
         assert self.transport is not None
         self.in_use = True
         self.headers_done = self.complete = False
         self.error = None
         self.received_any = False
+        self.served += 1
         self._content_type = b""
         self._delimited = False
         self._keep_alive = False
@@ -251,7 +317,7 @@ class _Connection(asyncio.Protocol):
         if not self.in_use:
             return
         self.in_use = False
-        if self.closed or not self._keep_alive:
+        if self.closed or not self._keep_alive or not self.counted:
             self._close_transport()
         else:
             self._pool.release(self)
@@ -281,24 +347,39 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per origin, closed after ``keepalive_s`` idle."""
+    """Keep-alive connections per instance: at most ``max_connections`` open, requests
+    over the cap wait in FIFO order; idle ones are closed after ``keepalive_s``."""
 
-    def __init__(self, keepalive_s: float, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        keepalive_s: float,
+        connect_timeout_s: float,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self._keepalive_s = keepalive_s
         self._connect_timeout_s = connect_timeout_s
-        self._idle: dict[Origin, deque[_Connection]] = {}
-        self._origins: dict[str, Origin] = {}
+        self._max_connections = max_connections
+        self._hosts: dict[str, _Host] = {}
         self._all: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
+        self._closed = False
 
     def origin(self, base_url: str) -> Origin:
-        origin = self._origins.get(base_url)
-        if origin is None:
-            if len(self._origins) > 4096:
-                self._origins.clear()
-            origin = self._origins[base_url] = Origin.parse(base_url)
-        return origin
+        return self._host(base_url).origin
+
+    def _host(self, base_url: str) -> _Host:
+        host = self._hosts.get(base_url)
+        if host is None:
+            if len(self._hosts) > 4096:
+                # Forget instances with nothing open; the others' counts must stay.
+                for url, old in list(self._hosts.items()):
+                    if not old.open and not old.waiters:
+                        del self._hosts[url]
+            host = self._hosts[base_url] = _Host(Origin.parse(base_url))
+        return host
 
     async def request(
         self,
@@ -307,17 +388,21 @@ class UpstreamPool:
         path: bytes,
         body: bytes | None,
         extra_headers: bytes = b"",
+        *,
+        limited: bool = True,
     ) -> UpstreamResponse:
         """Send one request and return once the response headers arrived.
 
         ``extra_headers`` are complete ``Name: value\\r\\n`` lines. The caller must
-        read the body to the end or ``close()`` the response.
+        read the body to the end or ``close()`` the response. ``limited=False`` (small
+        control requests: health checks) does not wait for the cap: over it, it uses a
+        connection of its own, closed afterwards.
         """
-        origin = self.origin(base_url)
+        host = self._host(base_url)
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (
             method,
             path,
-            origin.host_header,
+            host.origin.host_header,
             extra_headers,
         )
         if body is not None:
@@ -325,16 +410,18 @@ class UpstreamPool:
             request: bytes | list[bytes] = head + body if len(body) < 65536 else [head, body]
         else:
             request = head + b"\r\n"
-        conn = self._take_idle(origin)
-        if conn is not None:
+        conn = self._take_idle(host) or await self._checkout(host, limited)
+        if conn.served and method in _IDEMPOTENT:
             try:
                 return await self._exchange(conn, request)
             except UpstreamDisconnected:
                 if conn.received_any:
                     raise
-                # The server closed the idle connection as we reused it: it never saw
-                # the request, so sending it on a fresh connection is safe.
-        return await self._exchange(await self._connect(origin), request)
+                # A reused connection dropped before any answer byte (the server closed
+                # it as we wrote): an idempotent request may go once more, on a new one.
+            conn = await self._checkout(host, limited, fresh=True)
+        # Never resent from here on: once written, the server may have acted on it.
+        return await self._exchange(conn, request)
 
     @staticmethod
     async def _exchange(conn: _Connection, request: bytes | list[bytes]) -> UpstreamResponse:
@@ -347,66 +434,144 @@ class UpstreamPool:
             conn.abandon()
             raise
 
+    async def _checkout(self, host: _Host, limited: bool, fresh: bool = False) -> _Connection:
+        """A connection nothing has been written on since it was checked: a pooled one
+        (checked just now), a new one, or one handed over after waiting for the cap."""
+        while True:
+            if not fresh:
+                conn = self._take_idle(host)
+                if conn is not None:
+                    return conn
+            if host.open < self._max_connections:
+                host.open += 1
+                return await self._connect(host, counted=True)
+            if not limited:
+                return await self._connect(host, counted=False)
+            granted = await self._wait(host)
+            if granted is None:  # a slot: host.open already counts it
+                return await self._connect(host, counted=True)
+            if not granted.unusable():
+                return granted
+            granted._close_transport()  # nothing written on it yet: wait again
+
+    async def _wait(self, host: _Host) -> _Connection | None:
+        if self._closed:
+            raise UpstreamError("the upstream pool is closed")
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        host.waiters.append(waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Granted, but cancelled before it could run: pass the grant on.
+                granted = waiter.result()
+                if granted is None:
+                    host.open -= 1
+                    self._grant(host)
+                else:
+                    self.release(granted)
+            else:
+                with contextlib.suppress(ValueError):
+                    host.waiters.remove(waiter)
+            raise
+
+    def _grant(self, host: _Host) -> None:
+        """A slot came free: the first waiter may connect in it."""
+        waiters = host.waiters
+        while waiters and host.open < self._max_connections:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                host.open += 1
+                waiter.set_result(None)
+
     def release(self, conn: _Connection) -> None:
+        host = conn.host
+        waiters = host.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)  # straight to the first waiter, in FIFO order
+                return
         conn.idle_since = asyncio.get_running_loop().time()
-        self._idle.setdefault(conn.origin, deque()).append(conn)
+        host.idle.append(conn)
         if self._sweeper is None:
             self._schedule_sweep()
 
     def forget(self, conn: _Connection) -> None:
+        """The connection is closed: out of the pool, and its slot goes to a waiter."""
         self._all.discard(conn)
-        idle = self._idle.get(conn.origin)
-        if idle is not None and conn in idle:
-            idle.remove(conn)
+        host = conn.host
+        if conn in host.idle:
+            host.idle.remove(conn)
+        self._drop_slot(conn)
+
+    def _drop_slot(self, conn: _Connection) -> None:
+        if conn.counted:  # at most once per connection
+            conn.counted = False
+            conn.host.open -= 1
+            if not self._closed:
+                self._grant(conn.host)
 
     async def get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
         """A small GET (health checks, the model list): status and whole body."""
         async with asyncio.timeout(timeout_s):
-            response = await self.request(base_url, b"GET", path.encode(), None)
+            response = await self.request(base_url, b"GET", path.encode(), None, limited=False)
             try:
                 return response.status, await response.read()
             finally:
                 response.close()
 
     async def close(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        for host in self._hosts.values():
+            host.idle.clear()
+            while host.waiters:
+                waiter = host.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(UpstreamError("the upstream pool is closed"))
         for conn in list(self._all):
             conn._close_transport()
-        self._idle.clear()
         await asyncio.sleep(0)  # let transports run connection_lost
 
-    def _take_idle(self, origin: Origin) -> _Connection | None:
-        idle = self._idle.get(origin)
+    def _take_idle(self, host: _Host) -> _Connection | None:
+        idle = host.idle
         if not idle:
             return None
         deadline = asyncio.get_running_loop().time() - self._keepalive_s
         while idle:
             conn = idle.pop()  # most recently used first: warmest, least likely closed
-            if not conn.closed and conn.idle_since > deadline:
+            if conn.idle_since > deadline and not conn.unusable():
                 return conn
             conn._close_transport()
         return None
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def _connect(self, host: _Host, counted: bool) -> _Connection:
+        """``counted``: the caller reserved a slot for it in ``host.open``."""
         loop = asyncio.get_running_loop()
-        factory: Callable[[], _Connection] = lambda: _Connection(self, origin)  # noqa: E731
+        origin = host.origin
+        conn = _Connection(self, host, counted)
+        factory: Callable[[], _Connection] = lambda: conn  # noqa: E731
         ssl_context = self._ssl_context() if origin.tls else None
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    factory, origin.host, origin.port, ssl=ssl_context
-                )
-        except TimeoutError:
-            raise UpstreamConnectTimeout(
-                f"connect to {origin.host}:{origin.port} timed out "
-                f"after {self._connect_timeout_s:g}s"
-            ) from None
-        except OSError as exc:
-            raise UpstreamConnectError(
-                f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}"
-            ) from None
+                await loop.create_connection(factory, origin.host, origin.port, ssl=ssl_context)
+        except BaseException as exc:
+            if conn.transport is not None:
+                conn.transport.close()
+            self._drop_slot(conn)
+            if isinstance(exc, TimeoutError):
+                raise UpstreamConnectTimeout(
+                    f"connect to {origin.host}:{origin.port} timed out "
+                    f"after {self._connect_timeout_s:g}s"
+                ) from None
+            if isinstance(exc, OSError):
+                raise UpstreamConnectError(
+                    f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}"
+                ) from None
+            raise
         self._all.add(conn)
         return conn
 
@@ -424,7 +589,8 @@ class UpstreamPool:
         self._sweeper = None
         deadline = asyncio.get_running_loop().time() - self._keepalive_s
         remaining = 0
-        for idle in self._idle.values():
+        for host in self._hosts.values():
+            idle = host.idle
             while idle and idle[0].idle_since <= deadline:
                 idle.popleft()._close_transport()
             remaining += len(idle)

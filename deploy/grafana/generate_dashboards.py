@@ -714,6 +714,20 @@ def kv_transfer() -> Dashboard:
             right_unit="percentunit",
         ),
         Panel(
+            "KV released by the proxy",
+            [
+                Target(
+                    "sum by (outcome) "
+                    f'(rate(pdserve_kv_releases_total{{pdserve_role="proxy"}}[{RATE}]))',
+                    "{{outcome}}",
+                )
+            ],
+            "ops",
+            description="Prefill blocks the proxy freed because their decode leg did not "
+            "complete (connect refused, error answer, timeout, client gone): released, "
+            "not_held (already freed, or freed when the hold arrives), failed.",
+        ),
+        Panel(
             "Blocks held by instance",
             [Target(f"sum by ({by}) (pdserve_kv_blocks_held{{{target}}})", legend)],
         ),

@@ -71,11 +71,24 @@ def test_prompt_lengths_match_aggregated(real_pd: PDDeployment, case: str) -> No
 
     reference = complete(real_pd.aggregated.url, prompt, max_tokens=MAX_TOKENS)
     assert reference.prompt_tokens == n_tokens  # the engine counts what the tokenizer counts
+    transferred_before = _handoffs(real_pd, "transferred")
     with PulledBytes(real_pd) as pulled:
         result = complete(real_pd.proxy.url, prompt, max_tokens=MAX_TOKENS)
         pulled.expect_blocks(blocks_to_pull(n_tokens, real_pd.block_size))
     assert result.prompt_tokens == n_tokens
     assert_same_generation(result, reference)
+    # The proxy read the real decode worker's own word that the KV was transferred.
+    assert _handoffs(real_pd, "transferred") == transferred_before + 1
+
+
+def _handoffs(real_pd: PDDeployment, outcome: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(real_pd.proxy.metrics_text()):
+        for sample in family.samples:
+            if sample.name == "pdserve_kv_handoffs_total" and sample.labels["outcome"] == outcome:
+                return sample.value
+    return 0.0
 
 
 def test_streaming_completion_matches(real_pd: PDDeployment) -> None:

@@ -40,6 +40,7 @@ CONTRACT_METRICS = {
     "pdserve_timeouts",
     "pdserve_routing_decisions",
     "pdserve_kv_handoffs",
+    "pdserve_kv_releases",
     "pdserve_kv_transfer_bytes",
     "pdserve_kv_transfer_seconds",
     "pdserve_kv_transfer_failures",

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+
 import aiohttp
 import pytest
+import torch
 from conftest import ProxyFactory, WorkerFactory
 from proxy_helpers import MODEL, metric_value
 
 from benchmarks.fake_worker import FakeWorker
+from kv_transfer import params as kvp
+from kv_transfer import wire
+from kv_transfer.block_server import BlockServer, ServerSettings
+from kv_transfer.device import KVCacheAccess
+from kv_transfer.leases import LeaseTable
 from proxy.server import ProxyServer
+
+SECRET = b"proxy-test-secret"
 
 FORGED = {
     "do_remote_prefill": True,
@@ -86,3 +99,93 @@ async def test_streamed_handoff_counts_as_unreported(
         await response.read()
     text = proxy.metrics.render().decode()
     assert metric_value(text, "pdserve_kv_handoffs_total", outcome="unreported") == 1
+
+
+@pytest.fixture
+def held_lease() -> Iterator[tuple[BlockServer, LeaseTable]]:
+    """A real KV block server whose lease table holds request ``held-1`` for a minute."""
+    layers = [torch.zeros(8, 1, 32, 64, dtype=torch.float16)]
+    leases = LeaseTable()
+    fingerprint = wire.KVFingerprint("fake-model", "torch.float16", 32, "LBHNC", 1, (1, 32, 64))
+    server = BlockServer(
+        ServerSettings("127.0.0.1", 0, SECRET), fingerprint, KVCacheAccess(layers), leases
+    )
+    server.start()
+    leases.add("held-1", [1, 2], time.time() + 60)
+    try:
+        yield server, leases
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("failure", ["decode-500", "decode-unreachable", "no-decode-left"])
+async def test_failed_decode_leg_releases_the_prefill_blocks_at_once(
+    make_worker: WorkerFactory,
+    make_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    held_lease: tuple[BlockServer, LeaseTable],
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    server, leases = held_lease
+    monkeypatch.setenv("PDSERVE_KV_SECRET", SECRET.decode())
+    override = {
+        "transfer_mode": kvp.TRANSFER_MODE,
+        "remote_host": "127.0.0.1",
+        "remote_port": server.port,
+        "remote_request_id": "held-1",
+    }
+    prefill = await make_worker("prefill", kv_params_override=override)
+    decode = await make_worker("decode", tokens=4)
+    decode_urls: list[FakeWorker | str] = [decode]
+    if failure == "decode-500":
+        decode.faults.fail_requests = 1
+    elif failure == "decode-unreachable":
+        decode_urls = [f"http://127.0.0.1:{_dead_port()}"]
+    proxy = await make_proxy([prefill], decode_urls)
+    if failure == "no-decode-left":
+        # The decode pool empties while the prefill leg runs.
+        prefill.faults.delay_s = 0.3
+        asyncio.get_running_loop().call_later(0.1, proxy.registry.drain, decode.url)
+    async with http.post(proxy.url + "/v1/completions", json=_body()) as response:
+        assert response.status >= 500
+    for _ in range(100):  # the release runs in the background: allow it up to 2 s
+        if not len(leases):
+            break
+        await asyncio.sleep(0.02)
+    assert len(leases) == 0, "the prefill still holds the blocks of a failed decode leg"
+    text = proxy.metrics.render().decode()
+    assert metric_value(text, "pdserve_kv_releases_total", outcome="released") == 1
+
+
+async def test_completed_decode_leg_sends_no_release(
+    make_worker: WorkerFactory,
+    make_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    held_lease: tuple[BlockServer, LeaseTable],
+) -> None:
+    server, leases = held_lease
+    override = {
+        "transfer_mode": kvp.TRANSFER_MODE,
+        "remote_host": "127.0.0.1",
+        "remote_port": server.port,
+        "remote_request_id": "held-1",
+    }
+    prefill = await make_worker("prefill", kv_params_override=override)
+    decode = await make_worker("decode", tokens=4)
+    proxy = await make_proxy([prefill], [decode])
+    async with http.post(proxy.url + "/v1/completions", json=_body()) as response:
+        assert response.status == 200
+    await asyncio.sleep(0.2)
+    assert len(leases) == 1  # the decode worker releases after its pull, not the proxy
+    text = proxy.metrics.render().decode()
+    assert all(
+        metric_value(text, "pdserve_kv_releases_total", outcome=o) == 0
+        for o in ("released", "not_held", "failed")
+    )
+
+
+def _dead_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
