@@ -21,6 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kv_transfer import wire
@@ -42,6 +43,7 @@ class _Claim:
     claimed_at: float
     next_due: float
     last_held: float | None = None  # last time a renewal found the blocks held
+    pulling: bool = False
 
 
 @dataclass
@@ -65,6 +67,7 @@ class ClaimKeeper:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._failing: set[Endpoint] = set()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-claims-io")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -79,6 +82,7 @@ class ClaimKeeper:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     # -- called from the scheduler (cheap, never blocks on the network) -------------------------
@@ -97,6 +101,14 @@ class ClaimKeeper:
                 tuple(endpoints), remote_request_id, lease_s, claimed_at=now, next_due=now
             )
             self._cond.notify_all()
+
+    def pulling(self, request_id: str) -> None:
+        """The pull is planned: keep renewing until it is done, but a lease found gone from
+        now on was most likely ended by the pull itself (a read releases), not lost."""
+        with self._cond:
+            claim = self._claims.get(request_id)
+            if claim is not None:
+                claim.pulling = True
 
     def drop(self, request_id: str) -> None:
         """Stop renewing (the pull is done: a read with release frees the blocks itself)."""
@@ -160,18 +172,23 @@ class ClaimKeeper:
             return None
 
     def _do(self, work: _Work) -> None:
-        for endpoint, remote_request_id in work.release:
-            try:
-                self._client.release(endpoint, remote_request_id)
-            except (wire.WireError, wire.RemoteError, OSError) as exc:
-                logger.warning(
-                    "could not release prefill KV of request %s at %s:%d: %s",
-                    remote_request_id,
-                    *endpoint,
-                    exc,
-                )
-        for endpoint, claims in work.renew.items():
-            self._renew(endpoint, claims)
+        # One prefill instance that does not answer must not hold up renewals to the others
+        # past their lease: each endpoint is served on its own thread.
+        jobs = [self._pool.submit(self._release, *item) for item in work.release]
+        jobs += [self._pool.submit(self._renew, *item) for item in work.renew.items()]
+        for job in jobs:
+            job.result()  # re-raises a bug in a job into the supervised loop
+
+    def _release(self, endpoint: Endpoint, remote_request_id: str) -> None:
+        try:
+            self._client.release(endpoint, remote_request_id)
+        except (wire.WireError, wire.RemoteError, OSError) as exc:
+            logger.warning(
+                "could not release prefill KV of request %s at %s:%d: %s",
+                remote_request_id,
+                *endpoint,
+                exc,
+            )
 
     def _renew(self, endpoint: Endpoint, claims: list[tuple[str, _Claim]]) -> None:
         lease_s = min(max(claim.lease_s for _, claim in claims), MAX_LEASE_S)
@@ -196,6 +213,9 @@ class ClaimKeeper:
                     continue  # dropped or released meanwhile
                 if state == LeaseState.HELD:
                     claim.last_held = now
+                    continue
+                if state == LeaseState.GONE and claim.pulling:
+                    del self._claims[request_id]  # the pull read and released them
                     continue
                 since = claim.claimed_at if claim.last_held is None else claim.last_held
                 # GONE is final. PENDING (the hold has not reached the prefill's worker yet) and

@@ -52,6 +52,8 @@ RECOMPUTED_TOKENS = "pdserve_kv_recomputed_tokens"
 TRANSFER_MODE = "pdserve-tcp-pull"
 # The longest lease a claim renewal may ask for; block servers refuse longer ones.
 MAX_LEASE_S = 3600.0
+# The most prefill TP ranks (block servers at remote_port + rank) a decode will dial.
+MAX_TP_SIZE = 64
 
 
 class Outcome:
@@ -180,6 +182,9 @@ class RemotePrefill:
             isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 2**31 for b in raw_blocks
         ):
             raise ParamsError("remote_block_ids is not a list of block ids")
+        tp_size = _int(params.get(TP_SIZE), 1)
+        if not 1 <= tp_size <= MAX_TP_SIZE or port + tp_size - 1 > 65535:
+            raise ParamsError(f"tp_size {tp_size} is out of range for remote_port {port}")
         fingerprint = params.get(FINGERPRINT) or {}
         if not isinstance(fingerprint, Mapping):
             raise ParamsError("kv_fingerprint is not a map")
@@ -192,7 +197,7 @@ class RemotePrefill:
             num_tokens=_int(params.get(REMOTE_NUM_TOKENS), -1),
             prompt_digest=str(params.get(PROMPT_DIGEST) or ""),
             block_size=_int(params.get(BLOCK_SIZE), 0),
-            tp_size=_int(params.get(TP_SIZE), 1),
+            tp_size=tp_size,
             fingerprint=dict(fingerprint),
             expiry_time=_float(params.get(REMOTE_EXPIRY), 0.0),
             # Out of range: fall back to the decode's own lease (0 means "not given").

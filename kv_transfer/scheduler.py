@@ -192,7 +192,14 @@ class TcpPullScheduler:
             self._release(request_id, state)
             return
         if num_external_tokens <= 0:
-            state.outcome = Outcome.LOCAL_CACHE
+            # vLLM never serves a prompt's last token from cache, so a zero here means vLLM
+            # itself declined external KV for this request (it skips reading any prefix
+            # cache, e.g. for prompt logprobs): the prompt past the local hit is computed.
+            missing = num_prompt - state.local_hit_tokens
+            if missing > 1:
+                self._recomputed(state, RecomputeReason.UNUSABLE, missing)
+            else:
+                state.outcome = Outcome.LOCAL_CACHE
             self._release(request_id, state)
             return
         assert state.remote is not None
@@ -218,6 +225,8 @@ class TcpPullScheduler:
             )
             local_ids, remote_ids = (), ()
         state.pulling = True
+        if self._claims is not None:
+            self._claims.pulling(request_id)
         self._pending_pulls.append(
             PullSpec(
                 request_id=request_id,

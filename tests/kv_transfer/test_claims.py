@@ -256,3 +256,22 @@ def test_a_lease_longer_than_the_servers_max_extend_is_still_renewed(ends: Endpo
         assert reap_for(ends.leases, 1.5) == []
     finally:
         keeper.stop()
+
+
+def test_a_lease_the_pull_itself_released_is_not_reported_lost(
+    ends: Endpoints, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Between the pull (a read that releases) and the scheduler dropping the claim, a renewal
+    finds the lease gone: that is the pull's doing, not a lost lease."""
+    ends.leases.add("p-1", [1], expires_at=time.time() + 60)
+    keeper = keeper_for()
+    try:
+        keeper.claim("d-1", [ends.address], "p-1", 0.3)
+        keeper.pulling("d-1")
+        with caplog.at_level(logging.WARNING, logger="kv_transfer.claims"):
+            ends.leases.release("p-1")
+            assert wait_until(lambda: not keeper.claimed("d-1"), 5)
+        assert not keeper.lost("d-1")
+        assert not [r for r in caplog.records if "no longer holds" in r.getMessage()]
+    finally:
+        keeper.stop()

@@ -250,3 +250,13 @@ def test_decode_outcome_params() -> None:
         "pdserve_kv_recomputed_tokens": 70,
     }
     assert set(RecomputeReason.ALL) == {"pull_failed", "lease_lost", "unusable"}
+
+
+@pytest.mark.parametrize(
+    ("tp_size", "port"), [(0, 15100), (65, 15100), (2, 65535)], ids=["zero", "huge", "past-port"]
+)
+def test_parse_refuses_a_tp_size_that_would_dial_too_many_or_no_ports(
+    tp_size: int, port: int
+) -> None:
+    with pytest.raises(kvp.ParamsError, match="tp_size"):
+        _parse_with(**{kvp.TP_SIZE: tp_size, kvp.REMOTE_PORT: port})

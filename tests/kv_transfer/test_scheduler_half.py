@@ -63,6 +63,9 @@ class FakeClaims:
     ) -> None:
         self.calls.append(("claim", request_id, tuple(endpoints), remote_request_id, lease_s))
 
+    def pulling(self, request_id: str) -> None:
+        self.calls.append(("pulling", request_id))
+
     def drop(self, request_id: str) -> None:
         self.calls.append(("drop", request_id))
 
@@ -596,3 +599,22 @@ def test_without_a_claim_keeper_decisions_are_the_same() -> None:
         "pdserve_kv_outcome": "transferred",
         "pdserve_kv_recomputed_tokens": 0,
     }
+
+
+def test_external_kv_declined_by_vllm_counts_as_recomputed() -> None:
+    """get_num_new_matched_tokens offered the prompt, but vLLM allocated for 0 external tokens
+    (it skips every prefix cache for some requests, e.g. with prompt logprobs): the prompt is
+    computed on the decode, and that is said, not reported as a cache hit."""
+    sched, claims = scheduler()
+    tokens = list(range(100))
+    req = decode_request(tokens, prefill(sched, tokens, [1, 2, 3, 4]))
+    sched.on_new_request(req)  # type: ignore[arg-type]
+    assert sched.get_num_new_matched_tokens(req, 0) == (100, True)  # type: ignore[arg-type]
+    sched.update_state_after_alloc(req, FakeBlocks([5, 6, 7, 8]), 0)  # type: ignore[arg-type]
+    assert sched.build_connector_meta().pulls == []
+    assert claims.named("release") == [("release", "d-1", (PREFILL,), "p-1")]
+    assert recomputed(sched) == {"unusable": [1, 100]}
+    assert finish(sched, req) == (
+        False,
+        {"pdserve_kv_outcome": "recomputed", "pdserve_kv_recomputed_tokens": 100},
+    )
