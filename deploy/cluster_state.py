@@ -3,7 +3,9 @@
 One JSON file per state directory (default ``~/.cache/pdserve/run``, or
 ``$PDSERVE_STATE_DIR``, or ``--state-dir``): the Ray address and namespace, whether
 ``up`` started Ray itself, its pid, and the proxy's URLs. It may hold the admin token,
-so it is written 0600.
+so it is written 0600. Next to it, ``kv_secret`` (0600) holds the KV-transfer secret that
+``up`` generated for the cluster when the topology configured none; it goes when the state
+does.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 DEFAULT_STATE_DIR = Path("~/.cache/pdserve/run")
 STATE_FILE = "cluster.json"
+KV_SECRET_FILE = "kv_secret"
 
 
 @dataclass(slots=True)
@@ -62,6 +65,20 @@ def write_state(directory: Path, state: ClusterState) -> None:
     os.replace(tmp, path)
 
 
+def write_secret_file(directory: Path, secret: str) -> Path:
+    """Store ``secret`` as ``directory/kv_secret``, readable by this user only (0600)."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / KV_SECRET_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)  # O_EXCL below: never reuse a file someone else made
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # whatever the umask
+        handle.write(secret + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def read_state(directory: Path) -> ClusterState | None:
     try:
         data: dict[str, Any] = json.loads((directory / STATE_FILE).read_text())
@@ -73,8 +90,9 @@ def read_state(directory: Path) -> ClusterState | None:
 
 
 def clear_state(directory: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (directory / STATE_FILE).unlink()
+    for name in (STATE_FILE, KV_SECRET_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (directory / name).unlink()
 
 
 def pid_alive(pid: int) -> bool:

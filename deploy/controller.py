@@ -55,8 +55,12 @@ class _Group:
 class Controller:
     """Body of the controller actor (an async actor, wrapped with ``ray.remote``)."""
 
-    def __init__(self, topology: dict[str, Any], run_dir: str) -> None:
-        self._topology: Topology = validate_topology(topology, source="controller")
+    def __init__(self, topology: dict[str, Any], run_dir: str, kv_secret: str = "") -> None:
+        # `pdserve up` resolves (or generates) the KV secret and hands it over apart from the
+        # topology, which `topology()` reports: the secret only goes into instance plans.
+        given = validate_topology(topology, source="controller")
+        self._kv_secret = kv_secret or given.configured_kv_secret(env={})
+        self._topology: Topology = validate_topology(given.without_secrets(), source="controller")
         self._run_dir = run_dir
         self._records: dict[str, InstanceRecord] = {}
         self._groups: dict[str, _Group] = {}
@@ -103,7 +107,7 @@ class Controller:
                 max_restarts=-1,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             )
-            .remote(self._topology.proxy.model_dump(mode="json"))
+            .remote(self._topology.proxy.model_dump(mode="json"), self._kv_secret)
         )
         await asyncio.wait_for(self._proxy.ensure_started.remote(), timeout=120)
         self._reconciler = asyncio.create_task(self._reconcile_forever())
@@ -181,7 +185,7 @@ class Controller:
         return rows
 
     def topology(self) -> dict[str, Any]:
-        return self._topology.model_dump(mode="json")
+        return self._topology.without_secrets()
 
     # -- scaling --------------------------------------------------------------------
 
@@ -325,7 +329,7 @@ class Controller:
             index=index,
             model=str(self._topology.model_path()),
             served_model_name=self._topology.served_model_name,
-            kv_secret=self._topology.kv_secret,
+            kv_secret=self._kv_secret,
             host=self._topology.worker_host,
             api_port=pool.port + index,
             kv_port=pool.kv_port + index if pool.kv_port is not None else None,

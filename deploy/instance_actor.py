@@ -48,7 +48,9 @@ class InstancePlan:
     run_dir: str
     engine_id: str
     served_model_name: str | None = None
-    kv_secret: str = ""
+    # Reaches the worker through its environment (worker_launch.build_command); kept out of
+    # repr so that no log or error message that shows a plan shows the secret.
+    kv_secret: str = field(default="", repr=False)
     vllm_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 600.0

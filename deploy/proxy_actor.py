@@ -8,6 +8,7 @@ instances become ready, so the proxy never reads a hand-written list of workers.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -16,10 +17,18 @@ logger = logging.getLogger(__name__)
 class ProxyHost:
     """Body of the proxy actor (an async actor, wrapped with ``ray.remote``)."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], kv_secret: str = "") -> None:
         from proxy.config import ProxyConfig
 
         self._config = ProxyConfig.model_validate(config)
+        if kv_secret:
+            # The cluster's KV secret (the proxy releases prefill blocks of failed decode
+            # legs with it). The proxy reads it from the environment like a worker does; this
+            # actor's process is its own, so the variable reaches nothing else.
+            from kv_transfer.config import SECRET_ENV, SECRET_FILE_ENV
+
+            os.environ[SECRET_ENV] = kv_secret
+            os.environ.pop(SECRET_FILE_ENV, None)
         self._server: Any = None
 
     async def ensure_started(self) -> bool:

@@ -9,12 +9,21 @@ unknown keys so a typo fails with the field's name instead of being ignored.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from kv_transfer.config import MIN_SECRET_CHARS, SecretError, read_secret, weak_secret_reason
 from proxy.config import ProxyConfig, describe_validation_error
 
 DEFAULT_TINY_MODEL_DIR = Path("~/.cache/pdserve/tiny-llama")
@@ -142,8 +151,11 @@ class Topology(_Strict):
     model: str | None = None
     tiny_model_dir: str = str(DEFAULT_TINY_MODEL_DIR)
     served_model_name: str | None = None
-    # Shared secret of the KV-transfer connections between prefill and decode instances.
-    kv_secret: str = ""
+    # Shared secret of the KV-transfer connections between prefill and decode instances, or
+    # a 0600 file holding it. Neither set: $PDSERVE_KV_SECRET(_FILE), else `pdserve up`
+    # generates one per cluster. Placeholders and secrets under 16 characters are refused.
+    kv_secret: str | None = Field(default=None, repr=False)
+    kv_secret_file: str | None = None
     accelerator: Accelerator = Accelerator.CPU
     # Address the workers bind to; instance URLs use the node's IP when it is 0.0.0.0.
     worker_host: str = "127.0.0.1"
@@ -154,8 +166,35 @@ class Topology(_Strict):
     controller: ControllerSettings = ControllerSettings()
     prometheus: PrometheusSettings = PrometheusSettings()
 
+    @field_validator("kv_secret")
+    @classmethod
+    def _strong_secret(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError(
+                "empty; leave kv_secret out and `pdserve up` generates a secret per cluster"
+            )
+        reason = weak_secret_reason(value)
+        if reason is not None:
+            # Never echo the value: the message ends up in terminals and logs.
+            raise ValueError(
+                f"the secret {reason}; use a random one of {MIN_SECRET_CHARS}+ characters "
+                "or leave kv_secret out and `pdserve up` generates one"
+            )
+        return value
+
+    @field_validator("kv_secret_file")
+    @classmethod
+    def _file_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("empty path")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.kv_secret is not None and self.kv_secret_file is not None:
+            raise ValueError("kv_secret/kv_secret_file: give one of them, not both")
         if self.proxy.prefill or self.proxy.decode:
             raise ValueError(
                 "proxy.prefill/proxy.decode: leave empty under `pdserve up`; "
@@ -207,6 +246,22 @@ class Topology(_Strict):
         if role == "decode":
             return self.decode
         raise ValueError(f"unknown role {role!r}")
+
+    def configured_kv_secret(self, env: Mapping[str, str] | None = None) -> str:
+        """The KV secret this topology configures (``kv_secret``, the file in
+        ``kv_secret_file``), else ``$PDSERVE_KV_SECRET``/``$PDSERVE_KV_SECRET_FILE`` from
+        ``env``; ``""`` when none is, and `pdserve up` should generate one."""
+        try:
+            return read_secret(
+                self.kv_secret, self.kv_secret_file, env=env, names=("kv_secret", "kv_secret_file")
+            )
+        except SecretError as exc:
+            raise TopologyError(str(exc)) from None
+
+    def without_secrets(self) -> dict[str, Any]:
+        """The topology as plain data, minus the KV secret (what the controller is given and
+        what `topology()` reports)."""
+        return self.model_dump(mode="json", exclude={"kv_secret", "kv_secret_file"})
 
     def model_path(self) -> Path:
         return Path(self.model or self.tiny_model_dir).expanduser()

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from deploy.cluster_state import (
     pid_alive,
     read_state,
     state_dir,
+    write_secret_file,
     write_state,
 )
 
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(
                 "--detach needs --address (a local Ray cluster lives as long as `pdserve up`)"
             )
+        kv_secret = topology.configured_kv_secret()
         check_model(topology)
         check_ports(topology)
         if topology.ray.address is None:
@@ -106,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
         f"{topology.accelerator.value}, source {args.config or 'built-in default'}",
     )
     model = _ensure_model(topology, progress)
+    kv_secret = _ensure_kv_secret(topology, kv_secret, directory, progress)
 
     signal.signal(signal.SIGTERM, _terminate)
-    session = _Session(topology, directory, progress)
+    session = _Session(topology, directory, progress, kv_secret)
     try:
         session.start_ray()
         # ray.init installs its own SIGTERM handler (which just dies); ours tears down first.
@@ -141,6 +145,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensure_kv_secret(topology: Any, secret: str, directory: Path, progress: _Progress) -> str:
+    """The cluster's KV secret: the configured one, else a new random one stored 0600 in the
+    state directory (for workers started by hand to join with ``--kv-secret-file``). Workers
+    get it through their environment; it is never printed, logged or put in an argv."""
+    if secret:
+        if topology.kv_secret is not None:
+            source = "kv_secret"
+        elif topology.kv_secret_file is not None:
+            source = f"kv_secret_file {topology.kv_secret_file}"
+        else:
+            source = "the environment ($PDSERVE_KV_SECRET or $PDSERVE_KV_SECRET_FILE)"
+        progress("kv-secret", f"from {source}")
+        return secret
+    secret = secrets.token_urlsafe(32)
+    try:
+        path = write_secret_file(directory, secret)
+    except OSError as exc:
+        raise CliError(f"--state-dir: cannot write {directory}: {exc.strerror}") from None
+    progress("kv-secret", f"generated for this cluster, stored in {path} (mode 0600)")
+    return secret
+
+
 def _ensure_model(topology: Any, progress: _Progress) -> Path:
     path: Path = topology.model_path()
     if not topology.uses_tiny_model():
@@ -163,8 +189,11 @@ def _ensure_model(topology: Any, progress: _Progress) -> Path:
 class _Session:
     """What this `up` started, so that stop() undoes exactly that."""
 
-    def __init__(self, topology: Any, directory: Path, progress: _Progress) -> None:
+    def __init__(
+        self, topology: Any, directory: Path, progress: _Progress, kv_secret: str = ""
+    ) -> None:
         self.topology = topology
+        self.kv_secret = kv_secret
         self.directory = directory
         self.progress = progress
         self.started_ray = False
@@ -262,7 +291,8 @@ class _Session:
                 max_concurrency=100,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             )
-            .remote(self.topology.model_dump(mode="json"), str(self.directory))
+            # The secret travels apart from the topology, which the controller reports.
+            .remote(self.topology.without_secrets(), str(self.directory), self.kv_secret)
         )
         self._call(self.controller.ping.remote(), 120)
         self.progress(

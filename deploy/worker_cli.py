@@ -8,6 +8,9 @@ arguments to vLLM unchanged.
 On CPU without ``--cpu-core`` the command claims free cores of this host
 (``deploy/core_claims.py``), so several workers on one machine do not fight over the same cores;
 when none is free, or another vLLM engine runs unpinned, it warns once and starts anyway.
+
+The KV-transfer secret comes from ``$PDSERVE_KV_SECRET`` or a 0600 file (``--kv-secret-file``,
+``$PDSERVE_KV_SECRET_FILE``) and reaches vLLM through its environment, never its argv.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -73,10 +77,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="default: the model dir name")
     parser.add_argument("--engine-id", default=None, help="default: <role>-<host>-<port>")
     parser.add_argument(
-        "--kv-secret",
-        default=os.environ.get("PDSERVE_KV_SECRET", ""),
-        help="shared secret of the KV transfer (default: $PDSERVE_KV_SECRET)",
+        "--kv-secret-file",
+        type=Path,
+        default=None,
+        help="file holding the shared secret of the KV transfer (mode 0600; the same secret on "
+        "every prefill and decode worker). Default: $PDSERVE_KV_SECRET, else the file named by "
+        "$PDSERVE_KV_SECRET_FILE. The secret reaches vLLM through its environment, never its "
+        "command line; a prefill worker on a non-loopback --host refuses to start without one",
     )
+    # Removed: a secret on the command line shows in `ps` and shell history. Kept as a flag
+    # only to say so (and so that argparse does not take it for --kv-secret-file).
+    parser.add_argument("--kv-secret", action=_RemovedSecretFlag, help=argparse.SUPPRESS)
     parser.add_argument(
         "--lease-s",
         type=float,
@@ -106,6 +117,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help='extra vLLM arguments, appended last (shell syntax): --vllm-args="--seed 1"',
     )
+
+
+class _RemovedSecretFlag(argparse.Action):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            "--kv-secret was removed (a secret in argv shows in ps and shell history): "
+            "set $PDSERVE_KV_SECRET or pass --kv-secret-file FILE (mode 0600)"
+        )
+
+
+def kv_secret_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> str:
+    """The KV secret ``--kv-secret-file`` names, else ``$PDSERVE_KV_SECRET(_FILE)``; ``""`` if
+    none is configured."""
+    from kv_transfer.config import SecretError, read_secret
+
+    try:
+        return read_secret(
+            None, args.kv_secret_file, env=env, names=("--kv-secret", "--kv-secret-file")
+        )
+    except SecretError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -175,7 +213,7 @@ def spec_from_args(args: argparse.Namespace) -> WorkerSpec:
         cpu_core=cpu_core,
         kv_cache_gib=args.kv_cache_gib,
         engine_id=args.engine_id,
-        secret=args.kv_secret,
+        secret=kv_secret_from(args) if args.role != "aggregated" else "",
         served_model_name=args.served_model_name,
         block_size=args.block_size,
         dtype=args.dtype,

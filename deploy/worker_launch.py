@@ -99,6 +99,9 @@ class WorkerSpec:
     ``visible_devices`` restricts a GPU/NPU worker to some devices (``CUDA_VISIBLE_DEVICES`` /
     ``ASCEND_RT_VISIBLE_DEVICES``). ``extra_args`` are appended to vLLM's command line last, so
     they override anything set here. ``env`` adds or overrides environment variables.
+    ``secret`` is the KV-transfer shared secret: it reaches the server through its environment
+    (``$PDSERVE_KV_SECRET``), never its argv or the ``--kv-transfer-config`` JSON, which vLLM
+    logs.
     """
 
     role: Role
@@ -110,7 +113,7 @@ class WorkerSpec:
     cpu_core: int | str | None = None
     kv_cache_gib: int = 1
     engine_id: str | None = None  # None: derived from role, host and API port
-    secret: str = ""
+    secret: str = field(default="", repr=False)
     served_model_name: str | None = None  # None: the model directory's name
     block_size: int = 128
     dtype: str = "auto"
@@ -176,11 +179,22 @@ def kv_transfer_config(spec: WorkerSpec) -> dict[str, object] | None:
         spec.resolved_engine_id,
         host=spec.host,
         port=DEFAULT_PORT if kv_port is None else kv_port,
-        secret=spec.secret,
+        # No secret here: vLLM logs this JSON and it sits in argv. See secret_env.
         lease_s=DEFAULT_LEASE_S if spec.lease_s is None else spec.lease_s,
         kv_load_failure_policy=spec.kv_load_failure_policy,
         advertise_host=spec.advertise_host,
     )
+
+
+def secret_env(secret: str) -> dict[str, str]:
+    """The variables that hand ``secret`` to the connector in every vLLM process.
+
+    Both are always set, so a ``$PDSERVE_KV_SECRET_FILE`` inherited from the caller can neither
+    override the spec's secret nor conflict with it; an empty value means "none".
+    """
+    from kv_transfer.config import SECRET_ENV, SECRET_FILE_ENV
+
+    return {SECRET_ENV: secret, SECRET_FILE_ENV: ""}
 
 
 def build_command(spec: WorkerSpec) -> tuple[list[str], dict[str, str]]:
@@ -218,10 +232,10 @@ def build_command(spec: WorkerSpec) -> tuple[list[str], dict[str, str]]:
     if settings.max_num_seqs is not None:
         argv += ["--max-num-seqs", str(settings.max_num_seqs)]
     kv_config = kv_transfer_config(spec)
+    env: dict[str, str] = {}
     if kv_config is not None:
         argv += ["--kv-transfer-config", json.dumps(kv_config, separators=(",", ":"))]
-
-    env: dict[str, str] = {}
+        env.update(secret_env(spec.secret))
     if spec.device == "cpu":
         # CPU has no graph capture to gain from, and eager start is several times faster.
         argv.append("--enforce-eager")
@@ -268,6 +282,26 @@ def validate_spec(spec: WorkerSpec) -> None:
         kv_transfer_config(spec)
     except ValueError as exc:
         raise WorkerConfigError(f"kv transfer config: {exc}") from exc
+    if spec.settings.kv_role is not None:
+        _validate_secret(spec)
+
+
+def _validate_secret(spec: WorkerSpec) -> None:
+    from kv_transfer.block_server import is_loopback
+    from kv_transfer.config import SecretError, check_secret
+
+    if spec.secret:
+        try:
+            check_secret(spec.secret, "secret")
+        except SecretError as exc:
+            raise WorkerConfigError(str(exc)) from None
+    elif spec.settings.kv_port_base is not None and not is_loopback(spec.host):
+        # The block server would refuse to start, but only after the engine loaded the model.
+        raise WorkerConfigError(
+            f"secret: a {spec.role} worker listening on {spec.host} serves KV blocks to other "
+            "hosts and needs a shared secret ($PDSERVE_KV_SECRET or a 0600 file in "
+            "$PDSERVE_KV_SECRET_FILE / --kv-secret-file)"
+        )
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -11,6 +11,7 @@ may only renew claims on leases and release them.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 import threading
@@ -47,6 +48,20 @@ class ServerSettings:
     max_connections: int = 256
 
 
+class InsecureServerError(ValueError):
+    """The server was configured to accept remote peers without a shared secret."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this host can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False  # a host name, "" or anything else may be reachable from elsewhere
+
+
 class BlockServer:
     def __init__(
         self,
@@ -78,6 +93,15 @@ class BlockServer:
         return int(self._listener.getsockname()[1])
 
     def start(self) -> None:
+        """Listen; raises InsecureServerError (before binding) when the server would accept
+        connections from other hosts without a shared secret."""
+        if not self._settings.secret and not is_loopback(self._settings.host):
+            raise InsecureServerError(
+                f"KV block server: refusing to listen on {self._settings.host!r} without a "
+                "shared secret: any host that reaches it could read KV blocks. Set "
+                "$PDSERVE_KV_SECRET or $PDSERVE_KV_SECRET_FILE on every prefill and decode "
+                "worker (pdserve worker --kv-secret-file), or bind to 127.0.0.1"
+            )
         listener = socket.create_server(
             (self._settings.host, self._settings.port), reuse_port=False, backlog=128
         )
@@ -184,7 +208,8 @@ class BlockServer:
                 "engine_id": self._engine_id,
             },
         )
-        hello = wire.recv_frame(conn)
+        # Nothing is authenticated yet: a peer may not make us read more than a hello needs.
+        hello = wire.recv_frame(conn, max_bytes=wire.MAX_HANDSHAKE_FRAME_BYTES)
         if hello["op"] != "hello":
             self._refuse(conn, peer, wire.ERR_MALFORMED, f"expected hello, got {hello['op']!r}")
             return None

@@ -24,6 +24,10 @@ import msgpack
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # a control frame; 16 MiB holds ~2M block ids
+# The most a peer may send before it has authenticated: its hello (nonce, MAC, KV
+# fingerprint) is a few hundred bytes. An unauthenticated peer cannot make the server
+# allocate, or wait for, more than this.
+MAX_HANDSHAKE_FRAME_BYTES = 4 * 1024
 NONCE_BYTES = 32
 # Linux caps one sendmsg/recvmsg at IOV_MAX (1024) buffers.
 IOV_MAX = 1024
@@ -177,10 +181,12 @@ def decode_frame_body(body: bytes | bytearray) -> dict[str, Any]:
     return message
 
 
-def recv_frame(sock: socket.socket) -> dict[str, Any]:
+def recv_frame(sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
+    """Receive one control frame; a header announcing more than ``max_bytes`` is refused
+    before any of the body is read (or buffered)."""
     (length,) = _LEN.unpack(recv_exact(sock, _LEN.size))
-    if length > MAX_FRAME_BYTES:
-        raise WireError(f"control frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    if length > max_bytes:
+        raise WireError(f"control frame of {length} bytes exceeds {max_bytes}")
     return decode_frame_body(recv_exact(sock, length))
 
 

@@ -114,8 +114,10 @@ class TcpPullWorker:
             tp_rank=s.tp_rank,
         )
         if not s.transfer.secret:
+            # A producer bound to a non-loopback address refuses to start below.
             logger.warning(
-                "KV transfer runs without a shared secret; set kv_connector_extra_config.secret"
+                "KV transfer runs without a shared secret; set $PDSERVE_KV_SECRET or "
+                "$PDSERVE_KV_SECRET_FILE (the same on every prefill and decode worker)"
             )
         if s.is_producer:
             self._server = BlockServer(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,8 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="listen port (default 8000)")
     parser.add_argument("--admin-port", type=int, help="admin API port (default 8001)")
     parser.add_argument(
-        "--admin-token",
-        help="bearer token for the admin API (default: $PDSERVE_ADMIN_TOKEN, else none)",
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help="file (mode 0600) holding the admin API's bearer token (default: "
+        "$PDSERVE_ADMIN_TOKEN, else $PDSERVE_ADMIN_TOKEN_FILE, else none)",
+    )
+    # A token on the command line shows in ps and shell history: refused with the way out.
+    parser.add_argument(
+        "--admin-token", nargs="?", action=_RemovedTokenFlag, help=argparse.SUPPRESS
     )
     parser.add_argument("--prefill-policy", metavar="NAME", help="default prefill_cost")
     parser.add_argument("--decode-policy", metavar="NAME", help="default least_load")
@@ -38,6 +45,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--disagg-min-prompt-tokens", type=int, metavar="N",
         help="prompts shorter than N (estimated) tokens skip the prefill leg",
     )  # fmt: skip
+
+
+class _RemovedTokenFlag(argparse.Action):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            "--admin-token was removed (a token in argv shows in ps and shell history): "
+            "set $PDSERVE_ADMIN_TOKEN or pass --admin-token-file FILE (mode 0600)"
+        )
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -57,7 +78,18 @@ def build_config(args: argparse.Namespace) -> Any:
             data[key] = getattr(args, key)
     if args.admin_port is not None:
         data["admin"]["port"] = args.admin_port
-    token = args.admin_token or os.environ.get("PDSERVE_ADMIN_TOKEN")
+    from kv_transfer.config import SecretError, read_secret
+
+    try:
+        token = read_secret(
+            None,
+            args.admin_token_file,
+            env_var="PDSERVE_ADMIN_TOKEN",
+            file_env_var="PDSERVE_ADMIN_TOKEN_FILE",
+            names=("--admin-token", "--admin-token-file"),
+        )
+    except SecretError as exc:
+        raise CliError(str(exc)) from None
     if token:
         data["admin"]["token"] = token
     if args.prefill_policy:

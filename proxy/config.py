@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from proxy.registry import normalise_url
 
 MIB = 1024 * 1024
-KV_SECRET_ENV = "PDSERVE_KV_SECRET"
 
 
 class _Strict(BaseModel):
@@ -80,15 +78,17 @@ class ProxyConfig(_Strict):
     kv_secret_file: Path | None = None
 
     def kv_secret(self) -> bytes:
-        """The secret the workers authenticate KV peers with (empty if none is configured)."""
-        if self.kv_secret_file is not None:
-            try:
-                return self.kv_secret_file.read_bytes().strip()
-            except OSError as exc:
-                raise ValueError(
-                    f"kv_secret_file: cannot read {self.kv_secret_file}: {exc}"
-                ) from None
-        return os.environ.get(KV_SECRET_ENV, "").encode()
+        """The secret the workers authenticate KV peers with (empty if none is configured):
+        ``kv_secret_file`` (mode 0600), else $PDSERVE_KV_SECRET or $PDSERVE_KV_SECRET_FILE."""
+        from kv_transfer.config import SecretError, read_secret
+
+        try:
+            secret = read_secret(
+                None, self.kv_secret_file, names=("proxy.kv_secret", "proxy.kv_secret_file")
+            )
+        except SecretError as exc:
+            raise ValueError(str(exc)) from None
+        return secret.encode()
 
     @field_validator("prefill", "decode")
     @classmethod

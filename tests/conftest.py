@@ -15,6 +15,7 @@ fails if any process of a server's group is left.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -111,7 +112,9 @@ def server_launcher(
         pytest.fail("server shutdown: " + "; ".join(problems))
 
 
-def _worker_argv(name: str, model: Path, port: int, kv_port: int | None) -> list[str]:
+def _worker_argv(
+    name: str, model: Path, port: int, kv_port: int | None, secret_file: Path
+) -> list[str]:
     role, extra = ENGINE_ROLES[name]
     argv = [
         sys.executable, "-m", "deploy.worker_cli", role,
@@ -122,7 +125,7 @@ def _worker_argv(name: str, model: Path, port: int, kv_port: int | None) -> list
         "--block-size", str(ENGINE_BLOCK_SIZE),
         "--dtype", ENGINE_DTYPE,
         "--served-model-name", MODEL_NAME,
-        "--kv-secret", KV_SECRET,
+        "--kv-secret-file", str(secret_file),
         "--lease-s", str(ENGINE_LEASE_S),
         "--kv-load-failure-policy", KV_LOAD_FAILURE_POLICY,
         "--stop-grace-s", str(PROCESS_GRACE_S),
@@ -157,10 +160,19 @@ class EnginePool:
         kv_port = free_port() if role == "prefill" else None
         return self._launcher.launch(
             role,
-            _worker_argv(role, self._model, port, kv_port),
+            _worker_argv(role, self._model, port, kv_port, self._secret_file()),
             f"http://127.0.0.1:{port}",
             kv_port=kv_port,
         )
+
+    def _secret_file(self) -> Path:
+        """The engines' shared KV secret, in a 0600 file (never on a command line)."""
+        path = self._launcher.log_dir / "kv_secret"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(KV_SECRET)
+        return path
 
 
 def _engines_needed(items: list[pytest.Item]) -> frozenset[str]:

@@ -301,6 +301,28 @@ def test_up_prints_stages_and_answers_openai_requests(cluster: Cluster) -> None:
     assert table.returncode == 0 and "KV-BLOCKS" in table.stdout and "prefill-0" in table.stdout
 
 
+@pytest.mark.timeout(300)
+def test_generated_kv_secret_reaches_workers_only_through_their_environment(
+    cluster: Cluster,
+) -> None:
+    """The topology configures no secret: `up` made one, 0600, that no argv or log shows."""
+    path = cluster.state_dir / "kv_secret"
+    assert path.stat().st_mode & 0o777 == 0o600
+    secret = path.read_text().strip()
+    assert len(secret) >= 32
+    assert not any(secret in line for line in cluster.lines)
+    for name in ("prefill-0", "decode-0"):
+        worker = psutil.Process(cluster.worker_pid(name))
+        processes = [worker, *worker.children(recursive=True)]
+        for process in processes:
+            assert secret not in " ".join(process.cmdline()), (name, process.pid)
+        assert worker.environ().get("PDSERVE_KV_SECRET") == secret
+        log = (cluster.state_dir / "logs" / f"{name}.log").read_text(errors="replace")
+        assert "--kv-transfer-config" in log or "kv_transfer_config" in log
+        assert secret not in log
+        assert "without a shared secret" not in log
+
+
 @pytest.mark.timeout(900)
 def test_killed_worker_is_restarted_and_readmitted(cluster: Cluster) -> None:
     client = cluster.client(timeout=60)
@@ -437,6 +459,7 @@ def test_down_leaves_no_process_behind(cluster: Cluster) -> None:
     ]
     assert not ours, ours
     assert not (cluster.state_dir / "cluster.json").exists()
+    assert not (cluster.state_dir / "kv_secret").exists()
     assert _ports_free([cluster.ports[k] for k in ("proxy", "admin", "prefill", "kv", "decode")])
 
 

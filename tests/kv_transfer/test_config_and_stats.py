@@ -27,22 +27,22 @@ from kv_transfer.stats import (
 
 
 def test_connector_config_is_what_vllm_expects() -> None:
-    cfg = connector_config("producer", "prefill-0", "0.0.0.0", 15100, "s3cret", 20.0)
+    cfg = connector_config("producer", "prefill-0", "0.0.0.0", 15100, lease_s=20.0)
     assert cfg["kv_connector"] == "TcpPullConnector"
     assert cfg["kv_connector_module_path"] == "kv_transfer.connector"
     assert cfg["kv_role"] == "kv_producer" and cfg["engine_id"] == "prefill-0"
     extra = cfg["kv_connector_extra_config"]
-    assert (extra["host"], extra["port"], extra["secret"], extra["lease_s"]) == (
-        "0.0.0.0",
-        15100,
-        "s3cret",
-        20.0,
-    )
+    assert (extra["host"], extra["port"], extra["lease_s"]) == ("0.0.0.0", 15100, 20.0)
+    # The secret is not part of the JSON (vLLM logs it, and it sits in the server's argv).
+    assert "secret" not in extra and "secret_file" not in extra
     assert connector_config("kv_consumer", "d")["kv_role"] == "kv_consumer"
     assert json.loads(connector_config_json("both", "x"))["kv_role"] == "kv_both"
-    # The parsed form is what the connector reads back inside vLLM.
-    settings = TransferSettings.from_extra_config(extra)
-    assert settings.secret == b"s3cret" and settings.port == 15100
+    # The parsed form is what the connector reads back inside vLLM, the secret from its env.
+    settings = TransferSettings.from_extra_config(
+        extra, env={"PDSERVE_KV_SECRET": "k" * 8 + "9" * 8}
+    )
+    assert settings.secret == b"kkkkkkkk99999999" and settings.port == 15100
+    assert "kkkkkkkk" not in repr(settings)
     assert settings.public_host == "127.0.0.1"  # 0.0.0.0 is not dialable
     advertised = connector_config("producer", "p", "0.0.0.0", 1, advertise_host="10.1.2.3")
     assert TransferSettings.from_extra_config(

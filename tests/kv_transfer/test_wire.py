@@ -29,6 +29,18 @@ def test_oversized_frame_header_is_refused_before_reading_body() -> None:
             wire.recv_frame(b)
 
 
+def test_frame_cap_is_per_call() -> None:
+    """A caller (the block server before a peer authenticated) may allow far less."""
+    a, b = socket.socketpair()
+    with a, b:
+        wire.send_frame(a, {"op": "hello", "pad": b"x" * 100})
+        assert wire.recv_frame(b, max_bytes=200)["op"] == "hello"
+        a.sendall(struct.pack(">I", wire.MAX_HANDSHAKE_FRAME_BYTES + 1))
+        with pytest.raises(wire.WireError, match=f"exceeds {wire.MAX_HANDSHAKE_FRAME_BYTES}"):
+            wire.recv_frame(b, max_bytes=wire.MAX_HANDSHAKE_FRAME_BYTES)
+    assert wire.MAX_HANDSHAKE_FRAME_BYTES <= 4096 < wire.MAX_FRAME_BYTES
+
+
 @pytest.mark.parametrize(
     "body",
     [b"\xc1garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"no_op": 1})],

@@ -72,18 +72,31 @@ def test_bad_config_files_name_the_field(tmp_path: Path, text: str, message: str
 def test_cli_flags_extend_and_override_the_file(tmp_path: Path) -> None:
     path = tmp_path / "proxy.yaml"
     path.write_text("decode: ['http://10.0.0.1:8200']\nport: 9100\n")
+    token = tmp_path / "admin-token"
+    token.write_text("t-0123456789abcdef\n")
+    token.chmod(0o600)
     config = cli.build_config(
         parse(
             "--config", str(path), "--decode", "http://10.0.0.2:8200",
             "--prefill", "10.0.0.3:8100", "10.0.0.4:8100", "--port", "9200",
-            "--decode-policy", "round_robin", "--admin-token", "t",
+            "--decode-policy", "round_robin", "--admin-token-file", str(token),
         )
     )  # fmt: skip
     assert config.decode == ["http://10.0.0.1:8200", "http://10.0.0.2:8200"]
     assert config.prefill == ["http://10.0.0.3:8100", "http://10.0.0.4:8100"]
     assert config.port == 9200
     assert config.decode_policy.name == "round_robin"
-    assert config.admin.token == "t"
+    assert config.admin.token == "t-0123456789abcdef"
+
+
+def test_admin_token_is_never_taken_from_the_command_line(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        parse("--admin-token", "t-0123456789abcdef")
+    loose = tmp_path / "admin-token"
+    loose.write_text("t-0123456789abcdef\n")
+    loose.chmod(0o644)
+    with pytest.raises(CliError, match="chmod 600"):
+        cli.build_config(parse("--admin-token-file", str(loose)))
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

@@ -50,15 +50,19 @@ def test_bad_vllm_args_is_one_line(model_dir: Path) -> None:
         worker_cli.spec_from_args(_args("decode", "--model", str(model_dir), '--vllm-args="x'))
 
 
-def test_flags_reach_the_spec(model_dir: Path) -> None:
+def test_flags_reach_the_spec(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDSERVE_KV_SECRET", "worker-cli-test-secret")
+    monkeypatch.delenv("PDSERVE_KV_SECRET_FILE", raising=False)
     spec = worker_cli.spec_from_args(
         _args(
             "prefill", "--model", str(model_dir), "--index", "1", "--cpu-core", "1",
-            "--block-size", "32", "--kv-secret", "k", "--vllm-args=--seed 7 --max-model-len 512",
+            "--block-size", "32", "--vllm-args=--seed 7 --max-model-len 512",
         )
     )  # fmt: skip
     assert spec.resolved_api_port == 8101 and spec.resolved_kv_port == 15101
-    assert spec.cpu_core == "1" and spec.block_size == 32 and spec.secret == "k"
+    assert (
+        spec.cpu_core == "1" and spec.block_size == 32 and spec.secret == "worker-cli-test-secret"
+    )
     assert spec.extra_args == ("--seed", "7", "--max-model-len", "512")
 
 

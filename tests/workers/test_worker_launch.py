@@ -42,7 +42,7 @@ def _option(argv: list[str], name: str) -> str:
 def test_prefill_command(model_dir: Path) -> None:
     spec = WorkerSpec(
         role="prefill", model=model_dir, api_port=18100, kv_port=18150, cpu_core=0,
-        kv_cache_gib=2, engine_id="p0", secret="s3cret", block_size=32,
+        kv_cache_gib=2, engine_id="p0", secret="s3cret-s3cret-s3cret", block_size=32,
         served_model_name="tiny",
     )  # fmt: skip
     argv, env = build_command(spec)
@@ -61,8 +61,14 @@ def test_prefill_command(model_dir: Path) -> None:
     assert kv["kv_role"] == "kv_producer"
     assert kv["engine_id"] == "p0"
     assert kv["kv_connector_extra_config"]["port"] == 18150
-    assert kv["kv_connector_extra_config"]["secret"] == "s3cret"
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    assert "secret" not in kv["kv_connector_extra_config"]
+    assert env == {
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_OMP_THREADS_BIND": "0",
+        # The secret travels in the environment only (tests/deploy/test_kv_secret_deploy.py).
+        "PDSERVE_KV_SECRET": "s3cret-s3cret-s3cret",
+        "PDSERVE_KV_SECRET_FILE": "",
+    }
 
 
 def test_roles_differ_where_they_should(model_dir: Path) -> None:
@@ -98,9 +104,11 @@ def test_accelerator_env_and_extra_args(model_dir: Path) -> None:
     assert "--enforce-eager" not in argv
     assert _option(argv, "--kv-cache-memory-bytes") == str(8 * 1024**3)
     assert argv[-2:] == ["--tensor-parallel-size", "2"]
-    assert env == {"ASCEND_RT_VISIBLE_DEVICES": "4,5", "HCCL_BUFFSIZE": "512"}
+    # No secret in the spec: none reaches the worker, whatever the caller's environment holds.
+    no_secret = {"PDSERVE_KV_SECRET": "", "PDSERVE_KV_SECRET_FILE": ""}
+    assert env == {"ASCEND_RT_VISIBLE_DEVICES": "4,5", "HCCL_BUFFSIZE": "512", **no_secret}
     cuda = WorkerSpec(role="decode", model=model_dir, device="cuda", visible_devices="1")
-    assert build_command(cuda)[1] == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert build_command(cuda)[1] == {"CUDA_VISIBLE_DEVICES": "1", **no_secret}
 
 
 def test_validate_refuses_missing_model(tmp_path: Path) -> None:
