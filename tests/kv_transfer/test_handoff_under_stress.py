@@ -50,22 +50,46 @@ FAILURES = "pdserve_kv_transfer_failures_total"
 RECOMPUTED = "pdserve_kv_recomputed_requests_total"
 RECOMPUTED_TOKENS = "pdserve_kv_recomputed_tokens_total"
 EXPIRED = "pdserve_kv_leases_expired_total"
-RUNNING = "vllm:num_requests_running"
 
 
-def _long_request_body(max_tokens: int) -> dict[str, Any]:
-    return completion(
-        prompt_of(16, salt=4242), max_tokens=max_tokens, ignore_eos=True, min_tokens=max_tokens
-    )
+class Blocker:
+    """A long streamed request that occupies a decode engine's only sequence slot.
 
+    ``started`` is set when its first token arrives: from then on the engine is running it,
+    so every request sent afterwards queues behind it until it ends (no metric polling)."""
 
-def _wait_running(engine: RunningServer, count: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if (engine.metric(RUNNING) or 0) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{engine.name} never ran {count} request(s)")
+    def __init__(self, engine: RunningServer, max_tokens: int) -> None:
+        body = completion(
+            prompt_of(16, salt=4242), max_tokens=max_tokens, ignore_eos=True, stream=True
+        )
+        self._request = urllib.request.Request(
+            engine.url + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        self.started = threading.Event()
+        self.events = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with urllib.request.urlopen(self._request, timeout=600) as response:
+                for line in response:
+                    if line.startswith(b"data: {"):
+                        self.events += 1
+                        self.started.set()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.started.set()
+
+    def join(self) -> int:
+        self._thread.join(timeout=600)
+        if self.error is not None:
+            raise AssertionError(f"the blocking request failed: {self.error}")
+        return self.events
 
 
 def test_decode_queue_longer_than_the_lease_still_pulls_every_block(
@@ -79,21 +103,21 @@ def test_decode_queue_longer_than_the_lease_still_pulls_every_block(
     expired_before = prefill.counter(EXPIRED)
 
     # Occupy the decode's only sequence slot for many lease periods.
-    with ThreadPoolExecutor(1 + len(bodies)) as pool:
-        blocker = pool.submit(decode.post_json, "/v1/completions", _long_request_body(4000))
-        _wait_running(decode, 1)
-        queued_at = time.monotonic()
+    blocker = Blocker(decode, max_tokens=4000)
+    assert blocker.started.wait(300) and blocker.error is None, blocker.error
+    queued_at = time.monotonic()
+    with ThreadPoolExecutor(len(bodies)) as pool:
         # Each decode leg goes out as soon as its prefill answered, as a router sends it.
         results = [
             pool.submit(decode_leg, decode, body, prefill_leg(prefill, body)) for body in bodies
         ]
         got = [future.result() for future in results]
-        waited = time.monotonic() - queued_at
-        blocker_tokens = blocker.result()["usage"]["completion_tokens"]
+    waited = time.monotonic() - queued_at
+    blocker_events = blocker.join()
     assert waited > 1.5 * LEASE_S, (
         f"the PD requests waited only {waited:.1f} s in the decode queue; the test needs more "
         f"than one and a half {LEASE_S:g} s leases to show anything (the blocking request "
-        f"generated {blocker_tokens} tokens)"
+        f"streamed {blocker_events} events)"
     )
     assert got == expected
     per_block = block_bytes(tiny_model, BLOCK_SIZE)
