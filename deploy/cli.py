@@ -30,6 +30,29 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 2, no traceback."""
 
 
+def add_removed_secret_flag(
+    parser: argparse.ArgumentParser, flag: str, env_var: str, file_flag: str
+) -> None:
+    """``flag`` took a secret on the command line (ps, shell history): it is refused with
+    the way out, and it stops argparse taking ``flag`` as an abbreviation of ``file_flag``."""
+    message = (
+        f"{flag} was removed (a secret in argv shows in ps and shell history): "
+        f"set ${env_var} or pass {file_flag} FILE (mode 0600)"
+    )
+
+    class _Removed(argparse.Action):
+        def __call__(
+            self,
+            parser: argparse.ArgumentParser,
+            namespace: argparse.Namespace,
+            values: object,
+            option_string: str | None = None,
+        ) -> None:
+            parser.error(message)
+
+    parser.add_argument(flag, nargs="?", action=_Removed, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")

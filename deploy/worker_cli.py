@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from deploy import core_claims
-from deploy.cli import CliError
+from deploy.cli import CliError, add_removed_secret_flag
 from deploy.worker_launch import (
     ROLES,
     WorkerConfigError,
@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # Removed: a secret on the command line shows in `ps` and shell history. Kept as a flag
     # only to say so (and so that argparse does not take it for --kv-secret-file).
-    parser.add_argument("--kv-secret", action=_RemovedSecretFlag, help=argparse.SUPPRESS)
+    add_removed_secret_flag(parser, "--kv-secret", "PDSERVE_KV_SECRET", "--kv-secret-file")
     parser.add_argument(
         "--lease-s",
         type=float,
@@ -117,20 +117,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help='extra vLLM arguments, appended last (shell syntax): --vllm-args="--seed 1"',
     )
-
-
-class _RemovedSecretFlag(argparse.Action):
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> None:
-        parser.error(
-            "--kv-secret was removed (a secret in argv shows in ps and shell history): "
-            "set $PDSERVE_KV_SECRET or pass --kv-secret-file FILE (mode 0600)"
-        )
 
 
 def kv_secret_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> str:

@@ -35,30 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="file (mode 0600) holding the admin API's bearer token (default: "
         "$PDSERVE_ADMIN_TOKEN, else $PDSERVE_ADMIN_TOKEN_FILE, else none)",
     )
-    # A token on the command line shows in ps and shell history: refused with the way out.
-    parser.add_argument(
-        "--admin-token", nargs="?", action=_RemovedTokenFlag, help=argparse.SUPPRESS
-    )
+    from deploy.cli import add_removed_secret_flag
+
+    add_removed_secret_flag(parser, "--admin-token", "PDSERVE_ADMIN_TOKEN", "--admin-token-file")
     parser.add_argument("--prefill-policy", metavar="NAME", help="default prefill_cost")
     parser.add_argument("--decode-policy", metavar="NAME", help="default least_load")
     parser.add_argument(
         "--disagg-min-prompt-tokens", type=int, metavar="N",
         help="prompts shorter than N (estimated) tokens skip the prefill leg",
     )  # fmt: skip
-
-
-class _RemovedTokenFlag(argparse.Action):
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> None:
-        parser.error(
-            "--admin-token was removed (a token in argv shows in ps and shell history): "
-            "set $PDSERVE_ADMIN_TOKEN or pass --admin-token-file FILE (mode 0600)"
-        )
 
 
 def build_config(args: argparse.Namespace) -> Any:
