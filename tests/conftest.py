@@ -262,3 +262,21 @@ def real_pd(tiny_model: Path, real_engines: PDEngines, real_proxy: RunningServer
         model_dir=tiny_model,
         block_size=ENGINE_BLOCK_SIZE,
     )
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_leaks_into_the_session() -> Iterator[None]:
+    """A test that leaves a KV secret in this process's environment would change what every
+    later `pdserve up`, worker and proxy started from here does: fail that test instead."""
+    before = {name: os.environ.get(name) for name in _SECRET_VARIABLES}
+    yield
+    after = {name: os.environ.get(name) for name in _SECRET_VARIABLES}
+    assert after == before, "the test left KV/admin secrets in os.environ (use monkeypatch)"
+
+
+_SECRET_VARIABLES = (
+    "PDSERVE_KV_SECRET",
+    "PDSERVE_KV_SECRET_FILE",
+    "PDSERVE_ADMIN_TOKEN",
+    "PDSERVE_ADMIN_TOKEN_FILE",
+)

@@ -311,6 +311,9 @@ def test_proxy_actor_gets_the_cluster_secret_through_its_environment(
     from deploy.proxy_actor import ProxyHost
 
     monkeypatch.setenv(SECRET_FILE_ENV, "/stale")
+    # ProxyHost sets the variable in this process: recorded here, so teardown removes it
+    # again (a leaked secret would make a later `pdserve up` in this session use it).
+    monkeypatch.setenv(SECRET_ENV, "replaced-by-the-proxy-host")
     ProxyHost(Topology().proxy.model_dump(mode="json"), SECRET)
     assert os.environ[SECRET_ENV] == SECRET and SECRET_FILE_ENV not in os.environ
 
