@@ -187,6 +187,11 @@ class LeaseTable:
         with self._cond:
             return sum(len(lease.block_ids) for lease in self._leases.values())
 
+    def holds(self, request_id: str) -> bool:
+        """True while ``request_id``'s blocks are held (or a hold for it is known to come)."""
+        with self._cond:
+            return request_id in self._leases or request_id in self._early_renewals
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._leases)

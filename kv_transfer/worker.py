@@ -262,13 +262,19 @@ class TcpPullWorker:
         for request_id in finished_req_ids:
             self._seen_finished[request_id] = now
             self._seen_finished.move_to_end(request_id)
-        # Ids of requests that were never held would pile up; forget old ones.
+        # Ids of requests that were never held would pile up; forget old ones. Never one
+        # whose blocks are still held (a claimed lease lives as long as the decode waits) or
+        # whose end is not reported yet: vLLM would never free those blocks.
         horizon = now - 2 * self._settings.transfer.lease_s - 60.0
-        while self._seen_finished:
+        for _ in range(len(self._seen_finished)):
             oldest, seen_at = next(iter(self._seen_finished.items()))
             if seen_at >= horizon:
                 break
-            del self._seen_finished[oldest]
+            if oldest in self._unreported_sends or self._leases.holds(oldest):
+                self._seen_finished[oldest] = now
+                self._seen_finished.move_to_end(oldest)
+            else:
+                del self._seen_finished[oldest]
 
         expired = self._leases.reap_expired()
         for request_id in expired:

@@ -290,3 +290,26 @@ def test_unowned_block_is_refused() -> None:
         table.acquire("r", [2, 3], wait_s=0)
     assert info.value.code == "block_not_owned"
     assert table.blocks_held() == 2
+
+
+def test_a_lease_claimed_past_the_forget_horizon_is_still_reported_when_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claimed lease can outlive the horizon after which finished request ids are forgotten
+    (2 * lease_s + 60 s). Forgetting it would make its end unreportable: vLLM would never
+    free the blocks and the prefill engine would step forever. Forced with a fake clock."""
+    import kv_transfer.worker as worker_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(worker_module.time, "monotonic", clock)
+    p = worker("prefill", lease_s=1.0)
+    p.register_layers(vllm_like_cpu_cache())
+    try:
+        p.register_holds(TcpPullMetadata(holds=[HoldSpec("long", (1, 2), time.time() + 3600)]))
+        assert p.get_finished({"long"})[0] == set()
+        clock.now += 1000.0  # far past the horizon, still held (claims kept renewing it)
+        assert p.get_finished(set())[0] == set()
+        p.leases.release("long")  # the decode finally pulled
+        assert p.get_finished(set())[0] == {"long"}
+    finally:
+        p.shutdown()
