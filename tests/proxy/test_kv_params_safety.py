@@ -129,13 +129,7 @@ async def test_failed_decode_leg_releases_the_prefill_blocks_at_once(
 ) -> None:
     server, leases = held_lease
     monkeypatch.setenv("PDSERVE_KV_SECRET", SECRET.decode())
-    override = {
-        "transfer_mode": kvp.TRANSFER_MODE,
-        "remote_host": "127.0.0.1",
-        "remote_port": server.port,
-        "remote_request_id": "held-1",
-    }
-    prefill = await make_worker("prefill", kv_params_override=override)
+    prefill = await make_worker("prefill", kv_params_override=_params_naming(server))
     decode = await make_worker("decode", tokens=4)
     decode_urls: list[FakeWorker | str] = [decode]
     if failure == "decode-500":
@@ -165,13 +159,7 @@ async def test_completed_decode_leg_sends_no_release(
     held_lease: tuple[BlockServer, LeaseTable],
 ) -> None:
     server, leases = held_lease
-    override = {
-        "transfer_mode": kvp.TRANSFER_MODE,
-        "remote_host": "127.0.0.1",
-        "remote_port": server.port,
-        "remote_request_id": "held-1",
-    }
-    prefill = await make_worker("prefill", kv_params_override=override)
+    prefill = await make_worker("prefill", kv_params_override=_params_naming(server))
     decode = await make_worker("decode", tokens=4)
     proxy = await make_proxy([prefill], [decode])
     async with http.post(proxy.url + "/v1/completions", json=_body()) as response:
@@ -183,6 +171,16 @@ async def test_completed_decode_leg_sends_no_release(
         metric_value(text, "pdserve_kv_releases_total", outcome=o) == 0
         for o in ("released", "not_held", "failed")
     )
+
+
+def _params_naming(server: BlockServer) -> dict[str, object]:
+    """kv_transfer_params fields that point a fake prefill's answer at the held lease."""
+    return {
+        "transfer_mode": kvp.TRANSFER_MODE,
+        "remote_host": "127.0.0.1",
+        "remote_port": server.port,
+        "remote_request_id": "held-1",
+    }
 
 
 def _dead_port() -> int:
