@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "kv": ("benchmarks.kv_transfer", "KV transfer throughput and latency"),
     "load": ("benchmarks.loadgen", "closed-loop OpenAI load against any server"),
     "pd": ("benchmarks.pd_vs_aggregated", "1P1D behind the proxy vs one aggregated vLLM engine"),
+    "faults": ("benchmarks.faults", "one fault at a time under load on a 2P2D `pdserve up`"),
 }
 
 

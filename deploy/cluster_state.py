@@ -15,7 +15,11 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ from typing import Any
 DEFAULT_STATE_DIR = Path("~/.cache/pdserve/run")
 STATE_FILE = "cluster.json"
 KV_SECRET_FILE = "kv_secret"
+# `down`, `status` and `scale` answer within seconds even when the cluster is gone or hung.
+CONNECT_TIMEOUT_S = 7.0
 
 
 @dataclass(slots=True)
@@ -112,17 +118,64 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def kill_recorded_workers(directory: Path) -> None:
-    """Last resort: worker process groups whose actor died without stopping them."""
+def kill_recorded_workers(directory: Path) -> int:
+    """Last resort: worker process groups whose actor died without stopping them. Returns
+    how many were still running."""
     from deploy.instance_actor import kill_process_group
 
     pid_dir = directory / "pids"
     if not pid_dir.is_dir():
-        return
+        return 0
+    killed = 0
     for pid_file in pid_dir.glob("*.pid"):
         with contextlib.suppress(ValueError, OSError):
-            kill_process_group(int(pid_file.read_text().strip()))
+            killed += kill_process_group(int(pid_file.read_text().strip()))
         pid_file.unlink(missing_ok=True)
+    return killed
+
+
+def session_members(session_id: int) -> list[int]:
+    """Live processes of session ``session_id`` (other than this one)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if os.getsid(int(entry)) == session_id and pid_alive(int(entry)):
+                members.append(int(entry))
+    return members
+
+
+def remove_leftovers(directory: Path, up_pid: int, grace_s: float = 3.0) -> int:
+    """After the serving `pdserve up` (pid ``up_pid``, leader of its own session, see
+    :mod:`deploy.up_session`) died without its teardown: stop the processes it left (its
+    session: the local Ray cluster and its actors; the recorded vLLM workers, which run in
+    sessions of their own) and drop its state. Returns how many processes were stopped.
+
+    Only for a cluster whose Ray ``up`` started: a joined cluster's instances belong to its
+    controller, which outlives ``up`` (`pdserve down` stops them through it).
+    """
+    deadline = time.monotonic() + grace_s
+    # Ray's processes die with their driver on their own (kernel fate-sharing); give them
+    # the moment that takes before making sure.
+    while session_members(up_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = 0
+    for pid in session_members(up_pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            stopped += 1
+    stopped += kill_recorded_workers(directory)
+    state = read_state_quietly(directory)
+    if state is None or state.up_pid == up_pid:
+        clear_state(directory)
+    return stopped
+
+
+def read_state_quietly(directory: Path) -> ClusterState | None:
+    with contextlib.suppress(ValueError):
+        return read_state(directory)
+    return None
 
 
 def require_running(directory: Path) -> ClusterState:
@@ -131,18 +184,26 @@ def require_running(directory: Path) -> ClusterState:
     if state is None:
         raise ValueError(f"no running cluster recorded in {directory}")
     if state.started_ray and not pid_alive(state.up_pid):
-        # The local Ray cluster shares the fate of its `pdserve up`.
-        clear_state(directory)
-        raise ValueError(f"the cluster's `pdserve up` (pid {state.up_pid}) is gone; nothing runs")
+        # The local Ray cluster shares the fate of its `pdserve up`. Its state stays for
+        # `down`, which removes what the dead `up` left.
+        raise ValueError(
+            f"the cluster's `pdserve up` (pid {state.up_pid}) has exited and its local Ray "
+            "cluster with it; run `pdserve down` to remove what it left"
+        )
     return state
 
 
-def connect(state: ClusterState) -> None:
+def connect(state: ClusterState, command: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Attach this process to the cluster as a Ray driver (token auth included).
+
+    Raises ConnectionError at once when nothing listens at the GCS address (Ray itself
+    would retry a dead GCS for minutes), and ends the process with a one-line error if
+    Ray has not connected after ``timeout_s`` (a GCS that accepts but never answers).
 
     Ray reads the token itself (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or
     ``~/.ray/auth_token``), but only looks for one when ``RAY_AUTH_MODE=token``.
     """
+    _probe_gcs(state.ray_address)
     if state.auth_mode == "token" and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
         if "ray" in sys.modules:
@@ -152,13 +213,47 @@ def connect(state: ClusterState) -> None:
             Config.initialize("")
     import ray
 
-    ray.init(
-        address=state.ray_address,
-        namespace=state.namespace,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-        configure_logging=True,
+    # Ray's core logs each failed attempt to reach the GCS to stderr (not configurable before
+    # its logging starts); a command that answers in one line keeps them off the terminal.
+    terminal = os.dup(2)
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    # ray.init waits inside Ray's core, where no Python exception can reach it.
+    watchdog = threading.Timer(
+        timeout_s, _give_up, args=(terminal, command, state.ray_address, timeout_s)
     )
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        ray.init(
+            address=state.ray_address,
+            namespace=state.namespace,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            configure_logging=True,
+        )
+    finally:
+        watchdog.cancel()
+        os.dup2(terminal, 2)
+        os.close(terminal)
+
+
+def _probe_gcs(address: str, timeout_s: float = 3.0) -> None:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except ValueError:
+        raise ConnectionError(f"the recorded Ray address {address!r} is not host:port") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConnectionError(f"nothing answers at Ray's GCS {address} ({reason})") from None
+
+
+def _give_up(terminal: int, command: str, address: str, timeout_s: float) -> None:
+    line = f"pdserve {command}: Ray at {address} accepted but did not answer in {timeout_s:.0f} s"
+    os.write(terminal, (line + "\n").encode())
+    os._exit(2)
 
 
 def get_controller(state: ClusterState) -> Any:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 from deploy.cli import CliError
 from deploy.cluster_state import (
@@ -23,6 +24,7 @@ from deploy.cluster_state import (
     kill_recorded_workers,
     pid_alive,
     read_state,
+    remove_leftovers,
     state_dir,
 )
 
@@ -32,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=300.0,
-        help="seconds to wait for the teardown (default 300)",
+        default=60.0,
+        help="seconds to wait for the teardown before killing what is left (default 60)",
     )
 
 
@@ -46,25 +48,52 @@ def run(args: argparse.Namespace) -> int:
     if state is None:
         raise CliError(f"no running cluster recorded in {directory}")
     if state.foreground and pid_alive(state.up_pid):
-        _stop_foreground(state, args.timeout)
-    else:
-        _stop_through_controller(state, args.timeout)
-        kill_recorded_workers(directory)
+        outcome = _stop_foreground(state, directory, args.timeout)
+        clear_state(directory)
+        print(f"pdserve down: {outcome}", flush=True)
+        return 0
+    if state.started_ray:
+        # `up` died without its teardown, and its local Ray cluster with it.
+        stopped = remove_leftovers(directory, state.up_pid)
+        print(
+            f"pdserve down: `pdserve up` (pid {state.up_pid}) had exited; "
+            f"stopped the {stopped} process(es) it left",
+            flush=True,
+        )
+        return 0
+    _stop_through_controller(state, args.timeout)
+    kill_recorded_workers(directory)
     clear_state(directory)
     print("pdserve down: stopped", flush=True)
     return 0
 
 
-def _stop_foreground(state: ClusterState, timeout_s: float) -> None:
-    os.kill(state.up_pid, signal.SIGTERM)
+def _stop_foreground(state: ClusterState, directory: Path, timeout_s: float) -> str:
+    """SIGTERM the serving `up`, which tears down itself; kill it if it has not after
+    ``timeout_s`` and remove what it left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(state.up_pid, signal.SIGTERM)
+    if _wait_gone(state.up_pid, timeout_s):
+        return "stopped"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(state.up_pid, signal.SIGKILL)
+    _wait_gone(state.up_pid, 5.0)
+    how = f"`pdserve up` (pid {state.up_pid}) did not stop within {timeout_s:.0f} s; killed it"
+    if state.started_ray:
+        return f"{how} and the {remove_leftovers(directory, state.up_pid)} process(es) it left"
+    _stop_through_controller(state, timeout_s)
+    kill_recorded_workers(directory)
+    return f"{how} and stopped its deployment through the controller"
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while pid_alive(state.up_pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
-            raise CliError(
-                f"`pdserve up` (pid {state.up_pid}) did not stop within {timeout_s:.0f} s"
-            )
+            return False
         time.sleep(0.2)
-        _reap(state.up_pid)
+        _reap(pid)
+    return True
 
 
 def _reap(pid: int) -> None:
@@ -77,11 +106,12 @@ def _stop_through_controller(state: ClusterState, timeout_s: float) -> None:
     import ray
 
     try:
-        connect(state)
+        connect(state, "down")
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        if state.started_ray:
-            return  # the local cluster died with its `up`; nothing is left to stop there
-        raise CliError(f"cannot reach Ray at {state.ray_address}: {exc}") from None
+        raise CliError(
+            f"cannot reach Ray at {state.ray_address}: {exc}; the deployment's state stays "
+            f"in {state.run_dir} for a later `pdserve down`"
+        ) from None
     try:
         controller = get_controller(state)
     except ValueError:

@@ -76,10 +76,14 @@ def health_ok(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def kill_process_group(pid: int) -> None:
-    """SIGKILL the worker's whole group: vLLM's engine-core children hold ports too."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+def kill_process_group(pid: int) -> bool:
+    """SIGKILL the worker's whole group: vLLM's engine-core children hold ports too. False
+    when no such group runs."""
+    try:
         os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 class InstanceSupervisor:

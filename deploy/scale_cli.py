@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     try:
-        connect(state)
+        connect(state, "scale")
         controller = get_controller(state)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise CliError(f"cannot reach the cluster's controller: {exc}") from None

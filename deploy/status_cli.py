@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     try:
-        connect(state)
+        connect(state, "status")
         controller = get_controller(state)
         instances: list[dict[str, Any]] = ray.get(controller.instances.remote(), timeout=30)
     except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -14,7 +14,6 @@ import logging
 import os
 import secrets
 import signal
-import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -32,6 +31,11 @@ from deploy.cluster_state import (
     write_secret_file,
     write_state,
 )
+from deploy.up_session import serve_in_own_session
+
+# The teardown's share for the controller to stop instances and proxy in order; what is
+# left after it is killed (SIGTERM to `up` must end everything within seconds).
+_ORDERLY_STOP_S = 8.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
             f"a cluster is already running (pid {existing.up_pid}, state {directory}); "
             "run `pdserve down` first"
         )
+    exit_code = serve_in_own_session(directory)
+    if exit_code is not None:
+        return exit_code  # the launcher: the child served (and cleaned up) the cluster
     progress(
         "topology",
         f"{topology.prefill.replicas} prefill + {topology.decode.replicas} decode on "
@@ -309,7 +316,7 @@ class _Session:
         import ray
 
         names: list[str] = self._call(self.controller.launch.remote(), 120)
-        self.progress("instances", f"launching {', '.join(names)}")
+        self.progress("instances", f"launching {', '.join(names) or 'none (both pools are empty)'}")
         started = time.monotonic()
         pending = {self.controller.wait_ready.remote(name): name for name in names}
         deadline = started + self.topology.controller.ready_timeout_s + 60
@@ -356,16 +363,17 @@ class _Session:
             return
         if self.controller is not None:
             try:
-                ray.get(self.controller.shutdown.remote(), timeout=180)
+                ray.get(self.controller.shutdown.remote(), timeout=_ORDERLY_STOP_S)
                 self.progress("stopping", "instances and proxy stopped")
+            except ray.exceptions.GetTimeoutError:
+                self.progress("stopping", f"not all stopped within {_ORDERLY_STOP_S:.0f} s")
             except Exception as exc:
-                print(
-                    f"pdserve up: controller shutdown failed: {_first_line(exc)}", file=sys.stderr
-                )
+                self.progress("stopping", f"controller shutdown failed: {_first_line(exc)}")
             with contextlib.suppress(Exception):
                 ray.kill(self.controller, no_restart=True)
             self.controller = None
-        kill_recorded_workers(self.directory)
+        if killed := kill_recorded_workers(self.directory):
+            self.progress("stopping", f"killed {killed} worker(s) that were still running")
         ray.shutdown()
         if self.started_ray:
             self.progress("stopping", "local Ray cluster stopped")

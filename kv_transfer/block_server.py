@@ -198,6 +198,9 @@ class BlockServer:
 
     def _handshake(self, conn: socket.socket, peer: str) -> str | None:
         """The connection's mode once the peer is authenticated; None if refused."""
+        # The whole handshake, not each wait for a byte: a peer trickling its hello in must
+        # not hold a connection slot for longer than a silent one.
+        deadline = time.monotonic() + self._settings.handshake_timeout_s
         server_nonce = wire.new_nonce()
         wire.send_frame(
             conn,
@@ -209,7 +212,7 @@ class BlockServer:
             },
         )
         # Nothing is authenticated yet: a peer may not make us read more than a hello needs.
-        hello = wire.recv_frame(conn, max_bytes=wire.MAX_HANDSHAKE_FRAME_BYTES)
+        hello = wire.recv_frame(conn, max_bytes=wire.MAX_HANDSHAKE_FRAME_BYTES, deadline=deadline)
         if hello["op"] != "hello":
             self._refuse(conn, peer, wire.ERR_MALFORMED, f"expected hello, got {hello['op']!r}")
             return None

@@ -16,6 +16,7 @@ import hmac
 import os
 import socket
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -87,6 +88,9 @@ class KVFingerprint:
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> KVFingerprint:
+        # ``data`` comes from a peer's hello: it may be any msgpack value.
+        if not isinstance(data, Mapping):
+            raise WireError(f"malformed KV fingerprint: a {type(data).__name__}, not a map")
         try:
             return cls(
                 model=str(data["model"]),
@@ -98,7 +102,7 @@ class KVFingerprint:
                 tp_size=int(data.get("tp_size", 1)),
                 tp_rank=int(data.get("tp_rank", 0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(inf) overflows
             raise WireError(f"malformed KV fingerprint {dict(data)!r}: {exc}") from exc
 
     def differences(self, other: KVFingerprint) -> list[str]:
@@ -144,9 +148,9 @@ def send_frame(sock: socket.socket, message: Mapping[str, Any]) -> None:
         raise WireError(f"send failed: {_describe(exc)}") from exc
 
 
-def recv_exact(sock: socket.socket, nbytes: int) -> bytearray:
+def recv_exact(sock: socket.socket, nbytes: int, deadline: float | None = None) -> bytearray:
     buf = bytearray(nbytes)
-    recv_into_exact(sock, memoryview(buf))
+    recv_into_exact(sock, memoryview(buf), deadline)
     return buf
 
 
@@ -157,11 +161,20 @@ def _describe(exc: OSError) -> str:
     return str(exc)
 
 
-def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` completely from ``sock`` or raise WireError."""
+def recv_into_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill ``view`` completely from ``sock`` or raise WireError.
+
+    The socket's receive timeout bounds each wait for more bytes; a ``deadline``
+    (``time.monotonic()``) bounds them all, however slowly the bytes trickle in.
+    """
     got, total = 0, view.nbytes
     try:
         while got < total:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WireError(f"receive timed out after {got} of {total} bytes")
+                set_timeout(sock, max(remaining, 1e-3))  # a zero timeout would mean none
             # MSG_WAITALL: the kernel fills the buffer in one call on a blocking socket.
             n = sock.recv_into(view[got:], total - got, socket.MSG_WAITALL)
             if n == 0:
@@ -181,13 +194,16 @@ def decode_frame_body(body: bytes | bytearray) -> dict[str, Any]:
     return message
 
 
-def recv_frame(sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
+def recv_frame(
+    sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES, deadline: float | None = None
+) -> dict[str, Any]:
     """Receive one control frame; a header announcing more than ``max_bytes`` is refused
-    before any of the body is read (or buffered)."""
-    (length,) = _LEN.unpack(recv_exact(sock, _LEN.size))
+    before any of the body is read (or buffered). With a ``deadline`` the whole frame must
+    have arrived by then."""
+    (length,) = _LEN.unpack(recv_exact(sock, _LEN.size, deadline))
     if length > max_bytes:
         raise WireError(f"control frame of {length} bytes exceeds {max_bytes}")
-    return decode_frame_body(recv_exact(sock, length))
+    return decode_frame_body(recv_exact(sock, length, deadline))
 
 
 def expect(message: Mapping[str, Any], op: str) -> Mapping[str, Any]:

@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
+import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,39 +29,13 @@ import psutil
 import pytest
 import yaml
 
+from tests.deploy.cluster_helpers import PDSERVE, alive, describe, pick_ports, ports_free
+
 pytestmark = pytest.mark.slow
 
-PDSERVE = str(Path(sys.executable).with_name("pdserve"))
 READY_TIMEOUT_S = 900.0
+PROGRESS_LINE = re.compile(r"^\[\s*\d+\.\ds\] ")
 MODEL = "tiny-llama"
-
-
-def _ports_free(ports: list[int]) -> bool:
-    for port in ports:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-def _pick_ports() -> dict[str, int]:
-    for _ in range(100):
-        base = random.randrange(18000, 19700, 10)
-        ports = {
-            "proxy": base,
-            "admin": base + 1,
-            "prefill": base + 2,
-            "kv": base + 4,
-            "decode": base + 6,
-        }
-        if _ports_free(
-            [base, base + 1, base + 2, base + 3, base + 4, base + 5, base + 6, base + 7]
-        ):
-            return ports
-    raise RuntimeError("no free 18xxx port block")
 
 
 @dataclass
@@ -190,7 +162,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     directory = tmp_path_factory.mktemp("pdserve-up")
     # Ray's socket paths live under its temp dir and must stay short (108 bytes).
     ray_temp_dir = Path(tempfile.mkdtemp(prefix="pdr-", dir="/tmp"))
-    ports = _pick_ports()
+    ports = pick_ports()
     topology = _write_topology(directory, ports, ray_temp_dir)
     state_dir = directory / "state"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -201,6 +173,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        start_new_session=True,  # its own process group, as in a terminal
     )
     lines: list[str] = []
     ready = threading.Event()
@@ -426,7 +399,7 @@ def test_scale_up_and_down_under_load_fails_no_request(cluster: Cluster) -> None
     # The retired worker's processes are gone.
     with pytest.raises(FileNotFoundError):
         cluster.worker_pid("prefill-1")
-    assert _ports_free([cluster.ports["prefill"] + 1, cluster.ports["kv"] + 1])
+    assert ports_free([cluster.ports["prefill"] + 1, cluster.ports["kv"] + 1])
 
 
 @pytest.mark.timeout(300)
@@ -438,20 +411,27 @@ def test_scale_beyond_resources_fails_cleanly(cluster: Cluster) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_down_leaves_no_process_behind(cluster: Cluster) -> None:
+def test_sigterm_to_the_process_group_stops_everything_within_15_s(cluster: Cluster) -> None:
+    """What a terminal's job control, `timeout` or a service manager does: every process in
+    `up`'s group gets SIGTERM at once. (`pdserve down` on a live cluster, and the kills,
+    are in test_up_signals.py.)"""
     cluster.remember_processes()
     assert cluster.seen
-    result = cluster.pdserve("down", timeout_s=400)
-    assert result.returncode == 0, result.stderr
+    started = time.monotonic()
+    os.killpg(cluster.up.pid, signal.SIGTERM)
     assert cluster.up.wait(timeout=60) == 0
+    alive_now = list(cluster.seen.values())
+    while alive_now and time.monotonic() - started < 15.0:
+        time.sleep(0.2)
+        alive_now = [p for p in alive_now if alive(p)]
+    took = time.monotonic() - started
+    assert not alive_now, [describe(p) for p in alive_now]
+    assert took < 15.0, f"teardown took {took:.1f} s"
+    time.sleep(0.5)  # the reader thread takes the last lines
+    stopping = next(i for i, line in enumerate(cluster.lines) if "] stopping " in line)
+    # Progress lines only: no traceback, no Ray log line on the terminal.
+    assert all(PROGRESS_LINE.match(line) for line in cluster.lines[stopping:]), cluster.lines
     assert any("] stopped " in line for line in cluster.lines)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        alive = [p for p in cluster.seen.values() if _alive(p)]
-        if not alive:
-            break
-        time.sleep(0.5)
-    assert not alive, [_describe(p) for p in alive]
     ours = [
         p.info
         for p in psutil.process_iter(["pid", "name", "cmdline"])
@@ -460,7 +440,7 @@ def test_down_leaves_no_process_behind(cluster: Cluster) -> None:
     assert not ours, ours
     assert not (cluster.state_dir / "cluster.json").exists()
     assert not (cluster.state_dir / "kv_secret").exists()
-    assert _ports_free([cluster.ports[k] for k in ("proxy", "admin", "prefill", "kv", "decode")])
+    assert ports_free([cluster.ports[k] for k in ("proxy", "admin", "prefill", "kv", "decode")])
 
 
 def _mentions(cmdline: list[str], cluster: Cluster) -> bool:
@@ -471,17 +451,3 @@ def _mentions(cmdline: list[str], cluster: Cluster) -> bool:
         name in text for name in ("raylet", "gcs_server", "dashboard", "log_monitor", "ray")
     )
     return is_worker or is_ray
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _describe(process: psutil.Process) -> str:
-    try:
-        return f"{process.pid} {' '.join(process.cmdline())[:120]}"
-    except psutil.NoSuchProcess:
-        return f"{process.pid} (gone)"

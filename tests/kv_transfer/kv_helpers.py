@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,6 +24,33 @@ ENGINE_ID = "prefill-test"
 def hold_token(request_id: str, secret: bytes = SECRET, engine_id: str = ENGINE_ID) -> str:
     """The token a prefill scheduler issues for ``request_id`` (see kv_transfer.params)."""
     return params.hold_token(secret, engine_id, request_id)
+
+
+def far_future() -> float:
+    """A lease expiry no test outlives."""
+    return time.time() + 60.0
+
+
+def client_hello(
+    server_nonce: bytes,
+    fingerprint: wire.KVFingerprint | None,
+    secret: bytes = SECRET,
+    client_nonce: bytes | None = None,
+) -> dict[str, Any]:
+    """The hello a BlockConnection answers ``server_nonce`` with: a data hello with
+    ``fingerprint``, a control hello without one. For tests that speak the wire by hand."""
+    nonce = client_nonce if client_nonce is not None else wire.new_nonce()
+    hello: dict[str, Any] = {
+        "op": "hello",
+        "v": wire.PROTOCOL_VERSION,
+        "nonce": nonce,
+        "mac": wire.client_mac(secret, server_nonce, nonce),
+    }
+    if fingerprint is None:
+        hello["mode"] = wire.MODE_CONTROL
+    else:
+        hello["fingerprint"] = fingerprint.to_wire()
+    return hello
 
 
 def vllm_like_cpu_cache(

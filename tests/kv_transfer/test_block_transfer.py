@@ -16,6 +16,8 @@ from kv_helpers import (
     SECRET,
     ManualClock,
     blocks_equal,
+    client_hello,
+    far_future,
     fingerprint_for,
     hold_token,
     running_server,
@@ -27,10 +29,6 @@ from kv_transfer import wire
 from kv_transfer.block_client import BlockClient, BlockConnection, ClientSettings
 from kv_transfer.device import KVCacheAccess, block_runs
 from kv_transfer.leases import EndReason, Lease, LeaseTable
-
-
-def far_future() -> float:
-    return time.time() + 60.0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -281,17 +279,7 @@ def test_unknown_connection_mode_is_refused() -> None:
     src = vllm_like_cpu_cache()
     with running_server(src) as ends, socket.create_connection(ends.address, timeout=5) as sock:
         challenge = wire.recv_frame(sock)
-        client_nonce = wire.new_nonce()
-        wire.send_frame(
-            sock,
-            {
-                "op": "hello",
-                "v": wire.PROTOCOL_VERSION,
-                "nonce": client_nonce,
-                "mac": wire.client_mac(SECRET, challenge["nonce"], client_nonce),
-                "mode": "admin",
-            },
-        )
+        wire.send_frame(sock, {**client_hello(challenge["nonce"], None), "mode": "admin"})
         reply = wire.recv_frame(sock)
         assert reply["op"] == "error" and reply["code"] == wire.ERR_MALFORMED
 

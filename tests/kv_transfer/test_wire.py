@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
+from typing import Any
 
 import msgpack
 import pytest
@@ -100,6 +102,51 @@ def test_recv_buffers_reports_short_stream() -> None:
         dst = bytearray(20)
         with pytest.raises(wire.WireError, match="cut short: 10 of 20"):
             wire.recv_buffers(b, [memoryview(dst)[:5], memoryview(dst)[5:]])
+
+
+def test_recv_frame_deadline_bounds_a_frame_trickled_in() -> None:
+    """Each byte comes well within the socket's timeout; the deadline still ends the wait."""
+    a, b = socket.socketpair()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for byte in wire.encode_frame({"op": "hello", "pad": b"x" * 100}):
+            if stop.wait(0.05):
+                return
+            a.sendall(bytes([byte]))
+
+    sender = threading.Thread(target=trickle)
+    with a, b:
+        wire.set_timeout(b, 5.0)
+        sender.start()
+        started = time.monotonic()
+        with pytest.raises(wire.WireError, match="timed out"):
+            wire.recv_frame(b, deadline=started + 0.5)
+        assert time.monotonic() - started < 2.0
+        stop.set()
+        sender.join(timeout=5)
+
+
+_GOOD_FINGERPRINT = wire.KVFingerprint("m", "d", 16, "L", 2, (2, 16, 64)).to_wire()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [1, 2],
+        "abc",
+        7,
+        b"model",
+        {"model": "m"},
+        {**_GOOD_FINGERPRINT, "block_shape": 3},
+        {**_GOOD_FINGERPRINT, "block_size": float("inf")},
+    ],
+    ids=["list", "str", "int", "bytes", "missing-fields", "shape-not-a-list", "infinite"],
+)
+def test_fingerprint_from_any_peer_value_is_a_wire_error(data: Any) -> None:
+    """A hello's fingerprint is whatever msgpack value the peer sent."""
+    with pytest.raises(wire.WireError, match="malformed KV fingerprint"):
+        wire.KVFingerprint.from_wire(data)
 
 
 def test_fingerprint_differences_name_the_fields() -> None:
