@@ -26,6 +26,7 @@ import contextlib
 import importlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from benchmarks.pd_vs_aggregated import free_port, metric_sum
+from benchmarks.pd_vs_aggregated import metric_sum
 from deploy.cli import CliError
 from deploy.status_cli import kv_blocks_held
 
@@ -78,11 +79,14 @@ class ClusterPorts:
 
     @classmethod
     def pick(cls, replicas: int) -> ClusterPorts:
-        # Each pool reserves port .. port + max_replicas - 1; keep the blocks apart.
-        base = free_port()
-        while not _ports_free(range(base, base + 4 + 3 * replicas)):
-            base = free_port()
-        return cls(base, base + 1, base + 2, base + 2 + replicas, base + 2 + 2 * replicas)
+        # Below the kernel's ephemeral range (32768+), where Ray and every client connection
+        # take ports: a block free now stays free until the workers bind it. Each pool
+        # reserves port .. port + max_replicas - 1.
+        for _ in range(200):
+            base = random.randrange(20000, 30000, 10)
+            if _ports_free(range(base, base + 2 + 3 * replicas)):
+                return cls(base, base + 1, base + 2, base + 2 + replicas, base + 2 + 2 * replicas)
+        raise BenchError("no free block of ports in 20000-30000")
 
 
 def _ports_free(ports: range) -> bool:
@@ -139,7 +143,9 @@ def write_topology(
     directory: Path, ports: ClusterPorts, prefill: int, decode: int, model: str | None
 ) -> Path:
     replicas = max(prefill, decode)
-    pool = {"max_replicas": replicas, "resources": {"cpus": 0.25, "cpu_cores": [0, 1]}}
+    # No cpu_cores: the controller spreads the engines over the node's cores evenly (a
+    # per-pool list would start both pools' first instances on the same core).
+    pool = {"max_replicas": replicas, "resources": {"cpus": 0.25}}
     topology: dict[str, Any] = {
         "served_model_name": MODEL_NAME,
         "prefill": {**pool, "replicas": prefill, "port": ports.prefill, "kv_port": ports.kv},

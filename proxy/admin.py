@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, UnreadableBody
 from proxy.instances import Instance, Role
 from proxy.pd_flow import error_response
 from proxy.registry import InstanceExistsError, InstanceRegistry, UnknownInstanceError
@@ -111,6 +111,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
         raise ProxyError(400, f"request body is not valid JSON: {exc}") from None
+    except web.RequestPayloadError as exc:
+        raise UnreadableBody(exc) from None
     if not isinstance(body, dict):
         raise ProxyError(400, "request body must be a JSON object")
     return body

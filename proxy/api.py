@@ -11,7 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.catalog import ModelCatalog
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, UnreadableBody
 from proxy.instances import Role
 from proxy.metrics import ProxyMetrics
 from proxy.pd_flow import PDFlow, error_response
@@ -100,6 +100,8 @@ class PublicAPI:
             raise ProxyError(
                 413, f"request body exceeds the proxy's limit of {limit} bytes"
             ) from None
+        except web.RequestPayloadError as exc:
+            raise UnreadableBody(exc) from None
 
     async def models(self, request: web.Request) -> web.Response:
         try:

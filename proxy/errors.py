@@ -37,6 +37,16 @@ class ProxyError(Exception):
         return b"data: " + self.body() + b"\n\ndata: [DONE]\n\n"
 
 
+class UnreadableBody(ProxyError):
+    """The request body cannot be read to its end: its framing or Content-Encoding is broken
+    (``cause``: aiohttp's ``RequestPayloadError``). The connection cannot carry another
+    request, so the answer closes it."""
+
+    def __init__(self, cause: BaseException) -> None:
+        detail = " ".join(str(cause).split()).removeprefix("400, message: ")
+        super().__init__(400, f"cannot read the request body: {detail}")
+
+
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
     return orjson.dumps(
         {

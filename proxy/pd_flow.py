@@ -20,13 +20,13 @@ from aiohttp import web
 
 from kv_transfer import params as kvp
 from proxy.config import TimeoutConfig
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, UnreadableBody
 from proxy.health import HealthTracker
 from proxy.instances import Instance, Role
 from proxy.kv_release import KVReleaser
 from proxy.metrics import ProxyMetrics
 from proxy.registry import InstanceRegistry
-from proxy.request import ClientRequest, Endpoint
+from proxy.request import ClientRequest, Endpoint, dumps_body
 from proxy.routing.base import RoutingPolicy, RoutingRequest
 from proxy.upstream import (
     UpstreamConnectError,
@@ -475,7 +475,7 @@ def prefill_body(req: ClientRequest) -> bytes:
     for field in _PREFILL_DROPPED_FIELDS:
         body.pop(field, None)
     body[kvp.FIELD] = kvp.prefill_leg_params()
-    return orjson.dumps(body)
+    return dumps_body(body)
 
 
 _FIELD_PREFIX = b',"' + kvp.FIELD.encode() + b'":'
@@ -509,7 +509,12 @@ def error_response(error: ProxyError, request_id: str | None = None) -> web.Resp
     headers = {"Content-Type": "application/json"}
     if request_id is not None:
         headers["X-Request-Id"] = request_id
-    return web.Response(status=error.status, body=error.body(), headers=headers)
+    response = web.Response(status=error.status, body=error.body(), headers=headers)
+    if isinstance(error, UnreadableBody):
+        # aiohttp drops the connection after this answer: say so, or a client that pools
+        # connections would send its next request down a closing one.
+        response.force_close()
+    return response
 
 
 async def _end_stream_with_error(

@@ -57,7 +57,7 @@ def parse_client_request(endpoint: Endpoint, raw: bytes) -> ClientRequest:
         # They tell an engine which host to dial and whose KV to load: only the proxy sets them.
         for field in ROUTER_ONLY_FIELDS:
             body.pop(field, None)
-        raw = orjson.dumps(body)
+        raw = dumps_body(body)
 
     model = body.get("model")
     if model is not None and not isinstance(model, str):
@@ -89,6 +89,19 @@ def parse_client_request(endpoint: Endpoint, raw: bytes) -> ClientRequest:
         max_tokens=max_tokens or default_max,
         single_sequence=(n is None or n == 1) and not batch and not body.get("use_beam_search"),
     )
+
+
+def dumps_body(body: dict[str, Any]) -> bytes:
+    """A parsed client body as JSON again; ProxyError(400) if it nests too deeply to write.
+
+    orjson reads up to 1024 levels of nesting but writes at most 254, and a parsed body holds
+    nothing else it cannot write."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # orjson.JSONEncodeError: "Recursion limit reached"
+        raise ProxyError(
+            400, "request body is nested too deeply: the proxy forwards at most 254 levels"
+        ) from None
 
 
 def estimate_tokens(prompt: str | list[int]) -> int:

@@ -9,9 +9,12 @@ instances through :attr:`registry` (or ``add_instance`` / ``remove_instance`` /
 from __future__ import annotations
 
 import logging
+import sys
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.admin import AdminAPI
 from proxy.api import PublicAPI
@@ -31,6 +34,35 @@ log = logging.getLogger(__name__)
 
 # Streams still open at stop() get this long to finish before they are cut.
 SHUTDOWN_GRACE_S = 5.0
+
+
+class _ServerLog:
+    """The logger aiohttp's HTTP server reports to (``RequestHandler(logger=...)``).
+
+    aiohttp logs every request its HTTP parser refuses (bad framing, an unknown method) at
+    ERROR with a traceback, although it answers it with a 400, and does the same when a body
+    that does not decode fails its drain after the answer ("Unhandled exception"): any client
+    could fill the log with tracebacks. Those are the client's fault: one line at INFO.
+    Anything else keeps ERROR and its traceback, a ``RequestPayloadError`` out of a handler
+    (a 500) included."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+
+    def exception(self, msg: str, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        drained = isinstance(exc, web.RequestPayloadError) and msg == "Unhandled exception"
+        if isinstance(exc, HttpProcessingError) or drained:
+            detail = " ".join(str(exc).split())[:300]
+            self._log.info(msg + " (a malformed request): %s", *args, detail)
+        else:
+            self._log.exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+
+_SERVER_LOG = _ServerLog(logging.getLogger("aiohttp.server"))
 
 
 class ProxyServer:
@@ -176,7 +208,11 @@ class ProxyServer:
         # handler_cancellation: a client that disconnects cancels its handler, which
         # closes both upstream legs at once (vLLM aborts the request on disconnect).
         runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+            logger=_SERVER_LOG,
         )
         await runner.setup()
         self._runners.append(runner)

@@ -212,4 +212,8 @@ def test_quick_run_on_a_real_cluster(tmp_path: Path) -> None:
         assert phase["hung"] == 0, phase
         assert phase["kv_blocks_held_after"] == {"prefill-0": 0}, phase
     assert phases["client-disconnects"]["disconnected_by_client"] > 0
+    refused = phases["kv-port-refused"]
+    if not refused["skipped"]:
+        # The fault was real, and the decode's fallback to recomputing was counted.
+        assert refused["kv_handoffs"]["recomputed"] > 0, refused
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from typing import Any
+
+import orjson
 
 MODEL = "fake-model"
+# `pdserve ...` as a child process, with this interpreter.
+PDSERVE = [sys.executable, "-m", "deploy.cli"]
 
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = 3.0) -> None:
@@ -44,3 +54,33 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(pairs.get(k) == f'"{v}"' for k, v in labels.items()):
             return float(value)
     return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def fetch(url: str, body: Any = None) -> tuple[int, Any]:
+    """Blocking GET (or POST of ``body`` as JSON): the status and the parsed JSON answer."""
+    data = None if body is None else orjson.dumps(body)
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+            return response.status, orjson.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read() or b"null")
+
+
+def wait_http(url: str, timeout_s: float = 30.0) -> None:
+    """Block until ``url`` answers HTTP at all (any status)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            fetch(url)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not come up within {timeout_s}s")
