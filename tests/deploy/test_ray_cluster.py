@@ -372,14 +372,17 @@ class _Load:
             except Exception as exc:
                 self.failures.append(f"{type(exc).__name__}: {exc}")
             # A steady trickle, not a flood: the new engine must be able to start meanwhile.
-            self._stop.wait(0.5)
+            # vLLM's CPU worker busy-polls its message queue for 1 s after each step, so a
+            # request every 0.5 s kept a whole core spinning and starved the engine start
+            # (over 13 min in one run on 2 cores); with pauses over 1 s it sleeps in between.
+            self._stop.wait(1.5)
 
 
 @pytest.mark.timeout(2400)
 def test_scale_up_and_down_under_load_fails_no_request(cluster: Cluster) -> None:
     prefill_1 = f"http://127.0.0.1:{cluster.ports['prefill'] + 1}"
     with _Load(cluster) as load:
-        grow = cluster.pdserve("scale", "--prefill", "2", timeout_s=1700)
+        grow = cluster.pdserve("scale", "--prefill", "2", "--timeout", "1600", timeout_s=1700)
         assert grow.returncode == 0, grow.stderr
         assert "added prefill-1" in grow.stdout
         cluster.remember_processes()
