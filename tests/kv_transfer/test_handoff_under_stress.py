@@ -50,6 +50,8 @@ FAILURES = "pdserve_kv_transfer_failures_total"
 RECOMPUTED = "pdserve_kv_recomputed_requests_total"
 RECOMPUTED_TOKENS = "pdserve_kv_recomputed_tokens_total"
 EXPIRED = "pdserve_kv_leases_expired_total"
+WAITING = "vllm:num_requests_waiting"
+BLOCKERS_QUEUED = 2
 
 
 class Blocker:
@@ -102,9 +104,14 @@ def test_decode_queue_longer_than_the_lease_still_pulls_every_block(
     counters = {name: decode.counter(name) for name in (BYTES, FAILURES, RECOMPUTED)}
     expired_before = prefill.counter(EXPIRED)
 
-    # Occupy the decode's only sequence slot for many lease periods.
-    blocker = Blocker(decode, max_tokens=4000)
-    assert blocker.started.wait(300) and blocker.error is None, blocker.error
+    # Occupy the decode's only sequence slot for many lease periods: one long request runs,
+    # two more wait ahead of the PD requests (first come, first served). One alone can be
+    # done in 5 s on an idle box, under the one and a half leases the test needs.
+    blockers = [Blocker(decode, max_tokens=4000)]
+    assert blockers[0].started.wait(300) and blockers[0].error is None, blockers[0].error
+    blockers += [Blocker(decode, max_tokens=4000) for _ in range(BLOCKERS_QUEUED)]
+    waiting = decode.wait_for_counter(WAITING, BLOCKERS_QUEUED, timeout_s=60)
+    assert waiting >= BLOCKERS_QUEUED, f"{waiting:g} requests wait at the decode"
     queued_at = time.monotonic()
     with ThreadPoolExecutor(len(bodies)) as pool:
         # Each decode leg goes out as soon as its prefill answered, as a router sends it.
@@ -113,10 +120,10 @@ def test_decode_queue_longer_than_the_lease_still_pulls_every_block(
         ]
         got = [future.result() for future in results]
     waited = time.monotonic() - queued_at
-    blocker_events = blocker.join()
+    blocker_events = [blocker.join() for blocker in blockers]
     assert waited > 1.5 * LEASE_S, (
         f"the PD requests waited only {waited:.1f} s in the decode queue; the test needs more "
-        f"than one and a half {LEASE_S:g} s leases to show anything (the blocking request "
+        f"than one and a half {LEASE_S:g} s leases to show anything (the blocking requests "
         f"streamed {blocker_events} events)"
     )
     assert got == expected
