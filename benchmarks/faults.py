@@ -46,6 +46,7 @@ import orjson
 
 from benchmarks.pd_vs_aggregated import metric_sum
 from deploy.cli import CliError
+from deploy.instance_actor import port_is_free
 from deploy.status_cli import kv_blocks_held
 
 FAULTS = ("kill-decode", "kill-prefill", "stop-decode", "client-disconnects", "kv-port-refused")
@@ -84,23 +85,9 @@ class ClusterPorts:
         # reserves port .. port + max_replicas - 1.
         for _ in range(200):
             base = random.randrange(20000, 30000, 10)
-            if _ports_free(range(base, base + 2 + 3 * replicas)):
+            if all(port_is_free("127.0.0.1", p) for p in range(base, base + 2 + 3 * replicas)):
                 return cls(base, base + 1, base + 2, base + 2 + replicas, base + 2 + 2 * replicas)
         raise BenchError("no free block of ports in 20000-30000")
-
-
-def _ports_free(ports: range) -> bool:
-    import socket
-
-    for port in ports:
-        if port > 65535:
-            return False
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
 
 
 @dataclass

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import sys
 from pathlib import Path
 
 import psutil
+
+from deploy.instance_actor import port_is_free
 
 # The installed console script (`python -m deploy.cli` would define a second CliError class).
 PDSERVE = str(Path(sys.executable).with_name("pdserve"))
 
 
 def ports_free(ports: list[int]) -> bool:
-    for port in ports:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
+    return all(port_is_free("127.0.0.1", port) for port in ports)
 
 
 def pick_ports(low: int = 18000, high: int = 19700) -> dict[str, int]:
