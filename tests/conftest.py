@@ -53,8 +53,7 @@ ENGINE_FIXTURES: dict[str, str] = {
     "decode_queued": "real_decode_queued",
 }
 # The worker role and extra flags of each engine. ``decode_queued`` runs one sequence at a time
-# and fails requests whose KV load fails: its queue outlasts the prefill's lease on demand, and
-# it shows kv_load_failure_policy=fail on a live engine.
+# and fails requests whose KV load fails: it shows kv_load_failure_policy=fail on a live engine.
 ENGINE_ROLES: dict[str, tuple[str, list[str]]] = {
     "prefill": ("prefill", []),
     "decode": ("decode", []),
@@ -64,6 +63,11 @@ ENGINE_ROLES: dict[str, tuple[str, list[str]]] = {
         ["--kv-load-failure-policy", "fail", "--vllm-args", "--max-num-seqs 1"],
     ),
 }
+
+
+# Environment added to an engine's. ``decode_queued`` serves vLLM's development endpoints: its
+# ``/pause?mode=keep`` lets a test hold requests in the scheduler's queue as long as it wants.
+ENGINE_ENV: dict[str, dict[str, str]] = {"decode_queued": {"VLLM_SERVER_DEV_MODE": "1"}}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -162,6 +166,7 @@ class EnginePool:
             role,
             _worker_argv(role, self._model, port, kv_port, self._secret_file()),
             f"http://127.0.0.1:{port}",
+            env=ENGINE_ENV.get(role),
             kv_port=kv_port,
         )
 

@@ -23,6 +23,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,12 +224,20 @@ class ServerLauncher:
         self._servers: list[RunningServer] = []
         self._groups: dict[str, int] = {}
 
-    def launch(self, name: str, argv: list[str], url: str, **extra: object) -> RunningServer:
+    def launch(
+        self,
+        name: str,
+        argv: list[str],
+        url: str,
+        env: Mapping[str, str] | None = None,
+        **extra: object,
+    ) -> RunningServer:
+        """Start ``argv`` with ``env`` added to this process's environment."""
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, env={**os.environ, **(env or {})},
             )  # fmt: skip
         server = RunningServer(name=name, url=url, proc=proc, log_path=log_path, extra=extra)
         server.start_seconds = time.monotonic()

@@ -3,8 +3,8 @@
 Real engines (the session's, settings in tests/engine_support.py): the prefill's lease is
 ``LEASE_S`` (4 s), and every order the handoff must survive is forced, not hoped for:
 
-- a decode whose queue holds each request far longer than the lease (``decode_queued`` runs one
-  sequence at a time, and a long request occupies it first) still pulls every block;
+- a decode whose queue holds each request two leases long (``decode_queued``'s scheduler is
+  frozen with vLLM's ``/pause?mode=keep`` while the requests arrive) still pulls every block;
 - the same sequential and 16-concurrent identity runs while CPU-bound processes keep both cores
   busy;
 - a "prefill instance" that dies half-way through the bytes: with ``recompute`` the decode
@@ -50,48 +50,26 @@ FAILURES = "pdserve_kv_transfer_failures_total"
 RECOMPUTED = "pdserve_kv_recomputed_requests_total"
 RECOMPUTED_TOKENS = "pdserve_kv_recomputed_tokens_total"
 EXPIRED = "pdserve_kv_leases_expired_total"
-WAITING = "vllm:num_requests_waiting"
-BLOCKERS_QUEUED = 2
 
 
-class Blocker:
-    """A long streamed request that occupies a decode engine's only sequence slot.
+def _post_empty(server: RunningServer, path: str) -> None:
+    request = urllib.request.Request(server.url + path, data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200, f"{path} answered {response.status}"
 
-    ``started`` is set when its first token arrives: from then on the engine is running it,
-    so every request sent afterwards queues behind it until it ends (no metric polling)."""
 
-    def __init__(self, engine: RunningServer, max_tokens: int) -> None:
-        body = completion(
-            prompt_of(16, salt=4242), max_tokens=max_tokens, ignore_eos=True, stream=True
-        )
-        self._request = urllib.request.Request(
-            engine.url + "/v1/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        self.started = threading.Event()
-        self.events = 0
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+@contextlib.contextmanager
+def _scheduler_frozen(decode: RunningServer) -> Iterator[None]:
+    """The decode's scheduler accepts requests but schedules none until the block ends.
 
-    def _run(self) -> None:
-        try:
-            with urllib.request.urlopen(self._request, timeout=600) as response:
-                for line in response:
-                    if line.startswith(b"data: {"):
-                        self.events += 1
-                        self.started.set()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.started.set()
-
-    def join(self) -> int:
-        self._thread.join(timeout=600)
-        if self.error is not None:
-            raise AssertionError(f"the blocking request failed: {self.error}")
-        return self.events
+    vLLM's ``/pause?mode=keep`` (served with ``VLLM_SERVER_DEV_MODE``) queues every new request
+    in the scheduler, where the connector's ``on_new_request`` sees it, and steps nothing: a
+    queue exactly as long as the test says, however fast the machine."""
+    _post_empty(decode, "/pause?mode=keep")
+    try:
+        yield
+    finally:
+        _post_empty(decode, "/resume")
 
 
 def test_decode_queue_longer_than_the_lease_still_pulls_every_block(
@@ -104,28 +82,18 @@ def test_decode_queue_longer_than_the_lease_still_pulls_every_block(
     counters = {name: decode.counter(name) for name in (BYTES, FAILURES, RECOMPUTED)}
     expired_before = prefill.counter(EXPIRED)
 
-    # Occupy the decode's only sequence slot for many lease periods: one long request runs,
-    # two more wait ahead of the PD requests (first come, first served). One alone can be
-    # done in 5 s on an idle box, under the one and a half leases the test needs.
-    blockers = [Blocker(decode, max_tokens=4000)]
-    assert blockers[0].started.wait(300) and blockers[0].error is None, blockers[0].error
-    blockers += [Blocker(decode, max_tokens=4000) for _ in range(BLOCKERS_QUEUED)]
-    waiting = decode.wait_for_counter(WAITING, BLOCKERS_QUEUED, timeout_s=60)
-    assert waiting >= BLOCKERS_QUEUED, f"{waiting:g} requests wait at the decode"
-    queued_at = time.monotonic()
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        # Each decode leg goes out as soon as its prefill answered, as a router sends it.
+    with ThreadPoolExecutor(len(bodies)) as pool, _scheduler_frozen(decode):
+        # Each decode leg goes out as soon as its prefill answered, as a router sends it; the
+        # lease of each starts when its prefill leg ends.
         results = [
             pool.submit(decode_leg, decode, body, prefill_leg(prefill, body)) for body in bodies
         ]
-        got = [future.result() for future in results]
-    waited = time.monotonic() - queued_at
-    blocker_events = [blocker.join() for blocker in blockers]
-    assert waited > 1.5 * LEASE_S, (
-        f"the PD requests waited only {waited:.1f} s in the decode queue; the test needs more "
-        f"than one and a half {LEASE_S:g} s leases to show anything (the blocking requests "
-        f"streamed {blocker_events} events)"
-    )
+        last_lease_started = time.monotonic()
+        # Every request waits in the decode's queue for at least two leases.
+        time.sleep(2 * LEASE_S)
+        assert not any(future.done() for future in results), "a request ran while frozen"
+    got = [future.result() for future in results]
+    assert time.monotonic() - last_lease_started > 2 * LEASE_S
     assert got == expected
     per_block = block_bytes(tiny_model, BLOCK_SIZE)
     blocks = sum(-(-len(b["prompt"]) // BLOCK_SIZE) for b in bodies)
