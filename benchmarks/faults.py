@@ -46,8 +46,8 @@ import orjson
 
 from benchmarks.pd_vs_aggregated import metric_sum
 from deploy.cli import CliError
-from deploy.instance_actor import port_is_free
 from deploy.status_cli import kv_blocks_held
+from deploy.worker_launch import port_is_free
 
 FAULTS = ("kill-decode", "kill-prefill", "stop-decode", "client-disconnects", "kv-port-refused")
 QUICK_FAULTS = ("client-disconnects", "stop-decode", "kv-port-refused")

@@ -42,7 +42,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from benchmarks.loadgen import LoadResult, LoadSpec, run_load
+from deploy.worker_launch import (
+    WorkerConfigError,
+    WorkerSpec,
+    free_port,
+    group_alive,
+    start_worker,
+    stop_process_group,
+    stop_worker,
+    wait_until_ready,
+)
 
 DEFAULT_OUT = Path("benchmarks/results/pd_vs_aggregated.json")
 SETUPS = ("pd", "aggregated")
@@ -80,12 +89,6 @@ class BenchError(Exception):
 # -- processes ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Started:
     """One process group this benchmark started."""
@@ -106,28 +109,10 @@ class Started:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     """SIGTERM the process group led by ``process``, SIGKILL what is left after ``grace_s``."""
     pgid = process.pid
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            process.wait()
+    stop_process_group(process, grace_s)
     deadline = time.monotonic() + 5.0
     while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -209,13 +194,6 @@ class EngineSettings:
 
 
 def start_engine(processes: ProcessSet, role: str, core: str, settings: EngineSettings) -> Started:
-    from deploy.worker_launch import (
-        WorkerConfigError,
-        WorkerSpec,
-        start_worker,
-        stop_worker,
-    )
-
     spec = WorkerSpec(
         role=role,  # type: ignore[arg-type]  # one of the three roles, checked by validate
         model=settings.model,
@@ -241,8 +219,6 @@ def start_engine(processes: ProcessSet, role: str, core: str, settings: EngineSe
 
 
 def wait_engine(started: Started, timeout_s: float) -> None:
-    from deploy.worker_launch import wait_until_ready
-
     try:
         wait_until_ready(started.url, timeout_s, proc=started.process, log_path=started.log_path)
     except (RuntimeError, TimeoutError) as exc:

@@ -31,7 +31,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import LoadSpec, run_load
+from deploy.worker_launch import free_port, stop_process_group
 
 DEFAULT_OUT = Path("benchmarks/results/proxy_overhead.json")
 # Like the peer runs: a 12-word prompt, 16 output tokens (16 SSE content chunks).
@@ -58,12 +58,6 @@ class BenchError(Exception):
 
 
 # -- processes ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -105,21 +99,8 @@ class Services:
 
     def stop_all(self) -> None:
         for service in reversed(self.running):
-            _stop(service.process)
+            stop_process_group(service.process, grace_s=5.0, kill_wait_s=5.0)
         self.running.clear()
-
-
-def _stop(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=grace_s)
 
 
 def wait_ready(service: Service, probe: str, timeout_s: float, body: bytes | None = None) -> None:
@@ -442,8 +423,13 @@ def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]
         raise BenchError("--py-spy: py-spy is not installed (pip install py-spy)")
     argv = [py_spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking"]
     argv += ["--format", "raw", "--duration", str(max(1, round(seconds))), "--output", str(out)]
+    # Its own group, so stop_process_group reaches it if it overstays.
     return subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
 
 
@@ -656,7 +642,7 @@ def _finish_profile(profiler: subprocess.Popen[bytes], stacks: Path, duration: f
     try:
         _, stderr = profiler.communicate(timeout=duration + 30)
     except subprocess.TimeoutExpired:
-        _stop(profiler)
+        stop_process_group(profiler, grace_s=5.0, kill_wait_s=5.0)
         return {"error": "py-spy did not finish"}
     if profiler.returncode != 0 or not stacks.exists():
         return {"error": f"py-spy failed: {stderr.decode(errors='replace')[-300:]}"}

@@ -18,8 +18,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy.instance_actor import InstancePlan, port_is_free
+from deploy.instance_actor import InstancePlan
 from deploy.topology import Topology, validate_topology
+from deploy.worker_launch import port_is_free
 
 logger = logging.getLogger(__name__)
 

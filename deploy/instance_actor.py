@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
 from typing import Any
+
+from deploy import worker_launch
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +57,6 @@ class InstancePlan:
     ready_timeout_s: float = 600.0
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 30.0
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def health_ok(url: str, timeout_s: float = 2.0) -> bool:
@@ -157,8 +148,6 @@ class InstanceSupervisor:
 
     def stop(self) -> None:
         """Stop the worker for good (the actor is killed by the controller afterwards)."""
-        from deploy import worker_launch
-
         with self._lock:
             self._stopping = True
             self._state = "stopped"
@@ -196,12 +185,10 @@ class InstanceSupervisor:
 
     def _ports_free(self) -> bool:
         ports = [self._plan.api_port] + ([self._plan.kv_port] if self._plan.kv_port else [])
-        return all(port_is_free(self._plan.host, port) for port in ports)
+        return all(worker_launch.port_is_free(self._plan.host, port) for port in ports)
 
     def _start_worker(self) -> bool:
         """Start the worker process; False (and the reason in ``info``) if it cannot start."""
-        from deploy import worker_launch
-
         spec = build_worker_spec(self._plan, self._node_ip, self._visible_devices)
         log_path = Path(self._plan.run_dir) / "logs" / f"{self._plan.name}.log"
         try:
@@ -275,8 +262,6 @@ class InstanceSupervisor:
 
 def build_worker_spec(plan: InstancePlan, node_ip: str, visible_devices: str | None) -> Any:
     """The :class:`deploy.worker_launch.WorkerSpec` for ``plan`` on this node."""
-    from deploy import worker_launch
-
     device = {"cpu": "cpu", "gpu": "cuda", "npu": "npu"}[plan.accelerator]
     return worker_launch.WorkerSpec(
         role=plan.role,  # type: ignore[arg-type]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from deploy.instance_actor import port_is_free
 from deploy.topology import Topology
+from deploy.worker_launch import port_is_free
 
 ROLES = ("prefill", "decode")
 

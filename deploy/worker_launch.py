@@ -15,6 +15,10 @@ Lifecycle::
 
 The server runs in its own process group (its own session), so ``stop_worker`` reaches vLLM's
 engine-core and worker processes too and nothing outlives it.
+
+Being the module that owns worker processes, it also holds the process helpers that the rest
+of the project (tests and benchmarks included) shares rather than rewrites: ``free_port``,
+``port_is_free``, ``stop_process_group`` and ``group_alive``.
 """
 
 from __future__ import annotations
@@ -304,16 +308,34 @@ def _validate_secret(spec: WorkerSpec) -> None:
         )
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def port_is_free(host: str, port: int) -> bool:
     """True if ``host:port`` can be bound now (the check is racy by nature; it catches typos)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
             return False
     return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port on ``host`` that nothing listens on now, for a server about to be started.
+
+    The kernel picks it, so parallel test sessions and benchmarks do not collide. A pick is kept
+    only if it also passes :func:`port_is_free`, the check ``validate_spec`` makes before it
+    starts a worker, so a port from here is never refused there.
+    """
+    while True:
+        with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port_is_free(host, port):
+            return port
 
 
 def start_worker(
@@ -412,9 +434,9 @@ def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> int | N
     # The leader can exit while spawned children are still shutting down; give them a moment,
     # then make sure.
     deadline = time.monotonic() + min(grace_s, 5.0)
-    while _group_alive(pgid) and time.monotonic() < deadline:
+    while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _group_alive(pgid):
+    if group_alive(pgid):
         _signal_group(pgid, signal.SIGKILL)
     return proc.returncode
 
@@ -427,12 +449,35 @@ def _own_group(pid: int) -> bool | None:
         return None
 
 
+def stop_process_group(
+    proc: subprocess.Popen[bytes], grace_s: float, *, kill_wait_s: float | None = None
+) -> None:
+    """SIGTERM the process group that ``proc`` leads; SIGKILL it if ``proc`` outlives ``grace_s``.
+
+    ``proc`` must lead its own group (started with ``start_new_session=True``). Nothing is sent
+    when ``proc`` has already exited. After the SIGKILL it waits ``kill_wait_s`` seconds for
+    ``proc`` (None: as long as it takes), and ``subprocess.TimeoutExpired`` propagates.
+
+    Only the leader is waited for: members of the group that outlive it are left alone (see
+    :func:`stop_worker`, which also sweeps them, for a vLLM server).
+    """
+    if proc.poll() is not None:
+        return
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=kill_wait_s)
+
+
 def _signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether group ``pgid`` still has members (one we may not signal counts as alive)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:

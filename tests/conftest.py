@@ -35,10 +35,10 @@ from engine_support import (
     RunningServer,
     ServerLauncher,
     ServerStartError,
-    free_port,
 )
 
 from deploy.tiny_model import make_tiny_model
+from deploy.worker_launch import free_port
 
 _ENGINE_TIMINGS = pytest.StashKey[dict[str, float]]()
 

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.worker_launch import port_is_free, wait_until_ready
+from deploy.worker_launch import group_alive, wait_until_ready
 
 ENGINE_BLOCK_SIZE = 32
 ENGINE_DTYPE = "float32"
@@ -42,16 +41,6 @@ ENGINE_START_TIMEOUT_S = 900.0
 PROCESS_GRACE_S = 30.0
 
 BLOCKS_HELD = "pdserve_kv_blocks_held"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the kernel's pick, so parallel sessions do not collide)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
-        if port_is_free(host, port):
-            return port
 
 
 @dataclass
@@ -199,14 +188,6 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 class ServerStartError(RuntimeError):
     """A server exited or did not answer in time; the message ends with its log."""
 
@@ -284,9 +265,9 @@ class ServerLauncher:
             server.proc.wait()
         if group is not None:
             deadline = time.monotonic() + 5.0
-            while _group_alive(group) and time.monotonic() < deadline:
+            while group_alive(group) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _group_alive(group):
+            if group_alive(group):
                 problems.append(f"{server.name}: processes of group {group} outlived SIGTERM")
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(group, signal.SIGKILL)

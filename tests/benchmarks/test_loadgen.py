@@ -7,7 +7,6 @@ presence. Failures of every kind must be counted in the result, never raised.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ from aiohttp import web
 
 from benchmarks.fake_worker import FakeWorker
 from benchmarks.loadgen import LoadResult, LoadSpec, Percentiles, percentile, run_load
+from deploy.worker_launch import free_port
 
 WorkerFactory = Callable[..., Awaitable[FakeWorker]]
 
@@ -51,12 +51,6 @@ def _spec(url: str, **overrides: Any) -> LoadSpec:
 def _assert_ordered(stats: Percentiles) -> None:
     assert 0.0 < stats.p50 <= stats.p90 <= stats.p99 <= stats.max
     assert stats.mean <= stats.max
-
-
-def _closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])  # closed again when the block ends
 
 
 # -- counting -------------------------------------------------------------------------------
@@ -184,7 +178,7 @@ async def test_all_failed_has_no_latency(make_worker: WorkerFactory) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_refused_connection_is_counted(stream: bool) -> None:
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     result = await run_load(_spec(url, stream=stream, requests=3, concurrency=2))
     assert (result.requests, result.ok, result.errors) == (3, 0, 3)
     assert result.status_counts == {"client_error": 3}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from deploy.instance_actor import port_is_free
+from deploy.worker_launch import port_is_free
 
 # The installed console script (`python -m deploy.cli` would define a second CliError class).
 PDSERVE = str(Path(sys.executable).with_name("pdserve"))

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from deploy.cluster_state import ClusterState, write_state
+from deploy.worker_launch import free_port
 from tests.deploy.cluster_helpers import PDSERVE, alive
 
 ANSWER_LIMIT_S = 10.0
@@ -120,17 +121,11 @@ def test_after_up_died_status_and_scale_answer_and_down_removes_what_it_left(
     assert code == 2 and lines == [f"pdserve down: no running cluster recorded in {tmp_path}"]
 
 
-def _refused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])  # closed again: nothing listens
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("command", [["status"], ["scale", "--prefill", "1"], ["down"]])
 def test_unreachable_ray_is_one_line_at_once(tmp_path: Path, command: list[str]) -> None:
     """A deployment on a Ray cluster whose GCS is gone (Ray itself retries for minutes)."""
-    address = f"127.0.0.1:{_refused_port()}"
+    address = f"127.0.0.1:{free_port()}"
     _state(tmp_path, ray_address=address, started_ray=False, foreground=False, up_pid=1)
     code, lines, took = _pdserve(tmp_path, *command)
     assert code == 2 and took < ANSWER_LIMIT_S, (lines, took)

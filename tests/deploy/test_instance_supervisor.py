@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from deploy import worker_launch
 from deploy.instance_actor import InstancePlan, InstanceSupervisor, health_ok
+from deploy.worker_launch import free_port
 
 FAKE_SERVER = """
 import http.server, sys
@@ -30,12 +30,6 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -59,8 +53,8 @@ def _plan(tmp_path: Path) -> InstancePlan:
         index=0,
         model=str(tmp_path),
         host="127.0.0.1",
-        api_port=_free_port(),
-        kv_port=_free_port(),
+        api_port=free_port(),
+        kv_port=free_port(),
         cpu_core=1,
         kv_cache_gib=1,
         accelerator="cpu",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import stat
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from deploy.worker_launch import (
     WorkerConfigError,
     WorkerSpec,
     build_command,
+    free_port,
     start_worker,
     validate_spec,
 )
@@ -42,12 +42,6 @@ def _no_inherited_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 def model_dir(tmp_path: Path) -> Path:
     (tmp_path / "config.json").write_text("{}")
     return tmp_path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _secret_file(path: Path, content: str = SECRET, mode: int = 0o600) -> Path:
@@ -117,14 +111,14 @@ def test_the_started_server_finds_the_secret_its_argv_does_not_show(
 
 
 def test_validate_refuses_weak_secrets_and_reachable_prefill_without_one(model_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     with pytest.raises(WorkerConfigError, match=r"^secret: the secret is a placeholder"):
         validate_spec(
             WorkerSpec(role="prefill", model=model_dir, api_port=port, secret="change-me")
         )
     with pytest.raises(WorkerConfigError, match="shorter than 16"):
         validate_spec(WorkerSpec(role="decode", model=model_dir, api_port=port, secret="s3cret"))
-    kv_port = _free_port()
+    kv_port = free_port()
     reachable = r"^secret: a prefill worker listening on 0\.0\.0\.0"
     with pytest.raises(WorkerConfigError, match=reachable):
         validate_spec(

@@ -23,6 +23,7 @@ from engine_support import ENGINE_BLOCK_SIZE as BLOCK_SIZE
 from engine_support import ENGINE_LEASE_S as LEASE_S
 from engine_support import MODEL_NAME, PDEngines, RunningServer, block_bytes
 
+from deploy.worker_launch import free_port
 from kv_transfer import wire
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -169,18 +170,12 @@ def test_unpulled_prefill_is_released_at_lease_expiry(real_engines: PDEngines) -
     assert expired == expired_before + 1
 
 
-def _dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_decode_pointing_at_a_dead_prefill_recomputes(real_engines: PDEngines) -> None:
     """The decode engine runs kv_load_failure_policy=recompute: same output, no hang."""
     body = completion(prompt_of(90, salt=9))
     expected = aggregated(real_engines, body)
     params = prefill_leg(real_engines.prefill, body)
-    params["remote_port"] = _dead_port()
+    params["remote_port"] = free_port()
     failures_before = real_engines.decode.counter("pdserve_kv_transfer_failures_total")
     started = time.monotonic()
     assert decode_leg(real_engines.decode, body, params) == expected

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -21,6 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from deploy.worker_launch import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -37,12 +36,6 @@ def require_binary(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} {MISSING_HINT}", pytrace=False)
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rule_files() -> list[Path]:
@@ -199,14 +192,8 @@ class PrometheusServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        if proc is not None:
+            stop_process_group(proc, grace_s=15, kill_wait_s=5)
 
     def api(self, path: str, **params: str | float | Sequence[str]) -> Any:
         query: list[tuple[str, str]] = []

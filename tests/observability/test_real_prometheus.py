@@ -41,7 +41,6 @@ from prom_harness import (
     dashboards,
     family_name,
     format_variable,
-    free_port,
     has_finite_sample,
     interpolate,
     metric_names,
@@ -51,6 +50,7 @@ from prom_harness import (
 )
 
 from deploy.prometheus_sd import write_file_sd
+from deploy.worker_launch import free_port, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -91,16 +91,7 @@ def _start(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    stop_process_group(proc, grace_s=20, kill_wait_s=10)
 
 
 def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:

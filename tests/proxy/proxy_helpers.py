@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 import time
 import urllib.error
@@ -54,12 +53,6 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(pairs.get(k) == f'"{v}"' for k, v in labels.items()):
             return float(value)
     return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def fetch(url: str, body: Any = None) -> tuple[int, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Iterator
 
@@ -14,6 +13,7 @@ from conftest import ProxyFactory, WorkerFactory
 from proxy_helpers import MODEL, metric_value
 
 from benchmarks.fake_worker import FakeWorker
+from deploy.worker_launch import free_port
 from kv_transfer import params as kvp
 from kv_transfer import wire
 from kv_transfer.block_server import BlockServer, ServerSettings
@@ -135,7 +135,7 @@ async def test_failed_decode_leg_releases_the_prefill_blocks_at_once(
     if failure == "decode-500":
         decode.faults.fail_requests = 1
     elif failure == "decode-unreachable":
-        decode_urls = [f"http://127.0.0.1:{_dead_port()}"]
+        decode_urls = [f"http://127.0.0.1:{free_port()}"]
     proxy = await make_proxy([prefill], decode_urls)
     if failure == "no-decode-left":
         # The decode pool empties while the prefill leg runs.
@@ -181,9 +181,3 @@ def _params_naming(server: BlockServer) -> dict[str, object]:
         "remote_port": server.port,
         "remote_request_id": "held-1",
     }
-
-
-def _dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -51,10 +51,11 @@ import psutil
 import pytest
 import uvloop
 from aiohttp import web
-from proxy_helpers import MODEL, PDSERVE, free_port, sse_events, wait_http
+from proxy_helpers import MODEL, PDSERVE, sse_events, wait_http
 from yarl import URL
 
 from benchmarks.fake_worker import FakeWorker
+from deploy.worker_launch import free_port
 from proxy.errors import error_body
 
 SEED = 20_251_010

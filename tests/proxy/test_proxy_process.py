@@ -10,7 +10,9 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from proxy_helpers import PDSERVE, fetch, free_port, wait_http
+from proxy_helpers import PDSERVE, fetch, wait_http
+
+from deploy.worker_launch import free_port
 
 
 @pytest.fixture

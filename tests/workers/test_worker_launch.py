@@ -20,6 +20,7 @@ from deploy.worker_launch import (
     WorkerConfigError,
     WorkerSpec,
     build_command,
+    free_port,
     role_settings,
     spec_from_mapping,
     stop_worker,
@@ -129,13 +130,13 @@ def test_validate_refuses_port_in_use(model_dir: Path) -> None:
             validate_spec(WorkerSpec(role="decode", model=model_dir, api_port=port))
         with pytest.raises(WorkerConfigError, match=r"kv_port: .* already in use"):
             validate_spec(
-                WorkerSpec(role="prefill", model=model_dir, api_port=_free(), kv_port=port)
+                WorkerSpec(role="prefill", model=model_dir, api_port=free_port(), kv_port=port)
             )
 
 
 def test_validate_refuses_bad_kv_config(model_dir: Path) -> None:
     spec = WorkerSpec(
-        role="prefill", model=model_dir, api_port=_free(), kv_port=_free(), lease_s=-1
+        role="prefill", model=model_dir, api_port=free_port(), kv_port=free_port(), lease_s=-1
     )
     with pytest.raises(WorkerConfigError, match="lease_s"):
         validate_spec(spec)
@@ -146,12 +147,6 @@ def test_spec_from_mapping() -> None:
     assert spec.model == Path("/m") and spec.extra_args == ("--seed", "1")
     with pytest.raises(WorkerConfigError, match="unknown worker fields \\['colour'\\]"):
         spec_from_mapping({"role": "prefill", "model": "/m", "colour": "red"})
-
-
-def _free() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # A parent that spawns a child which ignores SIGTERM: stop_worker must still leave nothing.
@@ -217,7 +212,7 @@ def test_wait_until_ready(models_server: str) -> None:
 
 def test_wait_until_ready_times_out() -> None:
     with pytest.raises(TimeoutError, match="not ready after"):
-        wait_until_ready(f"http://127.0.0.1:{_free()}", timeout_s=1, poll_s=0.1)
+        wait_until_ready(f"http://127.0.0.1:{free_port()}", timeout_s=1, poll_s=0.1)
 
 
 def test_wait_until_ready_notices_exit(tmp_path: Path) -> None:
@@ -226,7 +221,7 @@ def test_wait_until_ready_notices_exit(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     proc.wait()
     with pytest.raises(RuntimeError, match=r"(?s)exited with status 3.*bad model"):
-        wait_until_ready(f"http://127.0.0.1:{_free()}", timeout_s=30, proc=proc, log_path=log)
+        wait_until_ready(f"http://127.0.0.1:{free_port()}", timeout_s=30, proc=proc, log_path=log)
 
 
 def test_stop_worker_on_a_process_without_its_own_group() -> None:
