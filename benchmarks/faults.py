@@ -53,9 +53,9 @@ FAULTS = ("kill-decode", "kill-prefill", "stop-decode", "client-disconnects", "k
 QUICK_FAULTS = ("client-disconnects", "stop-decode", "kv-port-refused")
 MODEL_NAME = "tiny-llama"
 # The bench cluster's proxy deadlines (prefill leg, decode's first byte, gap between
-# chunks). A client waits at most prefill + first byte for its first byte, and stall_s
-# between two; a silence HANG_MARGIN_S past those is a hang: something the proxy failed
-# to bound.
+# chunks). A client waits at most prefill + first byte for its first byte (the request's
+# deadline, moves to another decode instance included), and stall_s between two; a
+# silence HANG_MARGIN_S past those is a hang: something the proxy failed to bound.
 LEG_TIMEOUT_S = 30.0
 HANG_MARGIN_S = 10.0
 HANG_LIMIT_S = 2 * LEG_TIMEOUT_S + HANG_MARGIN_S
@@ -145,6 +145,7 @@ def write_topology(
                 "first_byte_s": LEG_TIMEOUT_S,
                 "stall_s": LEG_TIMEOUT_S,
             },
+            "retries": {"deadline_s": 2 * LEG_TIMEOUT_S},
             "health": {"interval_s": 0.5, "failures_to_eject": 2, "successes_to_readmit": 1},
         },
         "ray": {"namespace": f"pdserve-faults-{os.getpid()}", "temp_dir": str(directory / "r")},

@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proxy.registry import normalise_url
 
@@ -34,6 +41,35 @@ class TimeoutConfig(_Strict):
     first_byte_s: float = Field(default=300.0, gt=0)
     # Longest silence between two chunks of a streamed decode response.
     stall_s: float = Field(default=120.0, gt=0)
+
+
+class RetryConfig(_Strict):
+    """Moving a request to another decode instance when its decode leg fails before the
+    client has a byte (connect failure, reset, first-byte timeout, a 5xx answer). Each
+    move runs a fresh prefill leg: a prefill's KV handoff is only ever offered to one
+    decode instance."""
+
+    # Decode attempts in all, the first included (1: never move a request). Each one can
+    # cost a prefill leg, so the bound keeps a broken decode pool from multiplying load.
+    decode_attempts: int = Field(default=3, ge=1, le=16)
+    # Wait before the first move, doubled for each further one up to backoff_max_s: an
+    # instance that just refused may be restarting, and a burst of moves should not all
+    # land on the survivors at once.
+    backoff_s: float = Field(default=0.05, ge=0)
+    backoff_max_s: float = Field(default=1.0, ge=0)
+    # A request's whole budget from its arrival: no attempt (prefill or decode) starts
+    # after it, and each attempt's prefill and first-byte deadlines are cut to what is
+    # left. The default is timeouts.prefill_s + timeouts.first_byte_s, so a first attempt
+    # keeps the stage deadlines it had before moves existed.
+    deadline_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> RetryConfig:
+        if self.backoff_max_s < self.backoff_s:
+            raise ValueError(
+                f"backoff_max_s ({self.backoff_max_s:g}) is below backoff_s ({self.backoff_s:g})"
+            )
+        return self
 
 
 class HealthConfig(_Strict):
@@ -64,6 +100,7 @@ class ProxyConfig(_Strict):
     # Prompts with fewer (estimated) tokens skip the prefill leg and go straight to decode.
     disagg_min_prompt_tokens: int = Field(default=0, ge=0)
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    retries: RetryConfig = Field(default_factory=RetryConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     # Idle upstream connections are closed before vLLM's own 5 s keep-alive does it,

@@ -155,7 +155,23 @@ class ProxyMetrics:
             STAGE_BUCKETS,
         )
         self.retries = Counter(
-            "pdserve_retries", "Upstream legs retried, by stage.", ["stage"], registry=r
+            "pdserve_retries",
+            "Upstream legs retried, by stage: prefill (a prefill leg sent again to another "
+            "prefill instance), decode (a request moved to another decode instance, see "
+            "pdserve_migrations_total).",
+            ["stage"],
+            registry=r,
+        )
+        self.migrations = Counter(
+            "pdserve_migrations",
+            "Requests moved to another decode instance after their decode leg failed, one per "
+            "move (a request moved twice counts 2), counted when the request ends. stage: "
+            "before_first_byte (the client had no byte yet; the move runs a fresh prefill "
+            "leg), mid_stream (reserved, not emitted yet). outcome: succeeded (the request "
+            "then ended with HTTP 200) or failed (it did not: the last attempt's error, a "
+            "stream cut later, or the client went away).",
+            ["stage", "outcome"],
+            registry=r,
         )
         self.ejections = Counter(
             "pdserve_ejections",

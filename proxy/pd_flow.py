@@ -6,12 +6,17 @@ The prefill leg is the client's body with ``stream: false``, ``max_tokens: 1`` (
 original bytes with the prefill's returned ``kv_transfer_params`` spliced in, so
 unknown fields reach the worker exactly as sent. The decode response is relayed
 without parsing: its own ``usage`` is the client's usage.
+
+A decode leg that fails before the client has a byte moves the request to another decode
+instance (``retries`` in the config), with a fresh prefill leg: the first prefill's
+``kv_transfer_params`` are released at once and never offered to a second decode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from kv_transfer import params as kvp
-from proxy.config import TimeoutConfig
+from proxy.config import RetryConfig, TimeoutConfig
 from proxy.errors import ProxyError, UnreadableBody
 from proxy.health import HealthTracker
 from proxy.instances import Instance, Role
@@ -36,11 +41,16 @@ from proxy.upstream import (
     UpstreamResponse,
 )
 
+log = logging.getLogger(__name__)
+
 # Status recorded for a request whose client went away before the response ended.
 CLIENT_CLOSED_STATUS = 499
 _PREFILL_DROPPED_FIELDS = ("min_tokens", "min_completion_tokens", "stream_options")
 # Prefill answers worth trying on another instance (the rest of 4xx are the client's fault).
 _RETRYABLE_4XX = frozenset({408, 429})
+# Decode answers that say the instance is in trouble, not the request: another decode may
+# serve it. 4xx are the client's and relayed; 501, 505 and the like would fail anywhere.
+_RETRYABLE_DECODE_STATUSES = frozenset({500, 502, 503, 504})
 
 
 class RoutePath(enum.Enum):
@@ -75,6 +85,24 @@ class RoutedPolicy:
 
 
 @dataclass(slots=True)
+class _RequestState:
+    """One client request on its way through the flow, across all its attempts."""
+
+    http: web.Request
+    req: ClientRequest
+    request_id: str
+    headers: bytes  # the upstream legs' headers
+    started: float  # loop time of arrival
+    routing: RoutingRequest
+    deadline: float  # loop time after which no attempt starts (retries.deadline_s)
+    # Decode instances (URLs) whose leg failed for this request: never tried again.
+    failed_decodes: tuple[str, ...] = ()
+    retries: int = 0  # moves to another decode instance
+    # The last failed decode attempt's error, answered when no further attempt is made.
+    error: ProxyError | UpstreamReply | None = None
+
+
+@dataclass(slots=True)
 class _Stream:
     """Per-request relay state the error handlers need after the deadline fires."""
 
@@ -95,6 +123,7 @@ class PDFlow:
         timeouts: TimeoutConfig,
         disagg_min_prompt_tokens: int,
         kv_releaser: KVReleaser | None = None,
+        retries: RetryConfig | None = None,
     ) -> None:
         self._registry = registry
         self._pool = pool
@@ -103,6 +132,7 @@ class PDFlow:
         self._metrics = metrics
         self._health = health
         self._timeouts = timeouts
+        self._retry = retries or RetryConfig()
         self._disagg_min = disagg_min_prompt_tokens
         self._kv_releaser = kv_releaser
         self._timeout_counters = {
@@ -110,6 +140,12 @@ class PDFlow:
             for stage in ("connect", "prefill", "first_byte", "stall")
         }
         self._prefill_retries = metrics.retries.labels("prefill")
+        self._decode_retries = metrics.retries.labels("decode")
+        # By whether the moved request ended with HTTP 200.
+        self._migrations = {
+            ok: metrics.migrations.labels("before_first_byte", "succeeded" if ok else "failed")
+            for ok in (True, False)
+        }
 
     # -- entry point ------------------------------------------------------------------
 
@@ -123,11 +159,18 @@ class PDFlow:
     ) -> web.StreamResponse:
         """Serve the request; never raises except CancelledError (client disconnect)."""
         path = self._choose_path(req)
+        state = _RequestState(
+            http_request,
+            req,
+            request_id,
+            headers,
+            started,
+            RoutingRequest(request_id, req.prompt, req.prompt_tokens, req.max_tokens),
+            started + self._retry.deadline_s,
+        )
         status = 500
         try:
-            response, status, path = await self._serve(
-                http_request, req, request_id, headers, started, path
-            )
+            response, status, path = await self._serve(state, path)
             return response
         except ProxyError as exc:
             status = exc.status
@@ -151,6 +194,8 @@ class PDFlow:
             self._metrics.count_request(endpoint, model, status, path.value)
             elapsed = asyncio.get_running_loop().time() - started
             self._metrics.e2e.labels(endpoint, model, path.value).observe(elapsed)
+            if state.retries:
+                self._migrations[status == 200].inc(state.retries)
 
     def _choose_path(self, req: ClientRequest) -> RoutePath:
         if not req.single_sequence or req.prompt_tokens < self._disagg_min:
@@ -162,52 +207,90 @@ class PDFlow:
         return RoutePath.AGGREGATED
 
     async def _serve(
-        self,
-        http_request: web.Request,
-        req: ClientRequest,
-        request_id: str,
-        headers: bytes,
-        started: float,
-        path: RoutePath,
+        self, state: _RequestState, path: RoutePath
     ) -> tuple[web.StreamResponse, int, RoutePath]:
-        # Checked before the prefill leg: prefilling for a request no one can decode
-        # would only strand KV blocks on the prefill instance.
-        if not self._registry.routable(Role.DECODE):
-            raise ProxyError(503, "no healthy decode instance")
-        routing = RoutingRequest(request_id, req.prompt, req.prompt_tokens, req.max_tokens)
-        body = req.raw
-        prefilled_at: float | None = None
-        kv_params: dict[str, Any] | None = None
-        if path is RoutePath.DISAGGREGATED:
-            kv_params = await self._prefill_with_retry(req, routing, headers)
-            if kv_params is None:  # the prefill pool emptied meanwhile
-                path = RoutePath.FALLBACK
-            else:
-                prefilled_at = asyncio.get_running_loop().time()
-                body = with_kv_transfer_params(req, kv_params)
-        status = 500
-        try:
-            candidates = self._registry.routable(Role.DECODE)
-            if not candidates:
-                raise ProxyError(503, "no healthy decode instance")
-            instance = self._select(self._decode, candidates, routing)
-            load = req.prompt_tokens + req.max_tokens
-            instance.in_flight_requests += 1
-            instance.in_flight_tokens += load
+        """Prefill leg (when disaggregated), then decode leg; both again, on another decode
+        instance, for as long as the decode leg fails before the client has a byte and
+        ``retries`` allows."""
+        req = state.req
+        load = req.prompt_tokens + req.max_tokens
+        while True:
+            # Checked before the prefill leg: prefilling for a request no one can decode
+            # would only strand KV blocks on the prefill instance.
+            if not self._decode_candidates(state):
+                raise state.error or ProxyError(503, "no healthy decode instance")
+            body = req.raw
+            prefilled_at: float | None = None
+            kv_params: dict[str, Any] | None = None
+            if path is RoutePath.DISAGGREGATED:
+                kv_params = await self._prefill_with_retry(state)
+                if kv_params is None:  # the prefill pool emptied meanwhile
+                    path = RoutePath.FALLBACK
+                else:
+                    prefilled_at = asyncio.get_running_loop().time()
+                    body = with_kv_transfer_params(req, kv_params)
+            status = 500
             try:
-                response, status = await self._decode_leg(
-                    http_request, req, instance, body, headers, request_id, started, path,
-                    routing, prefilled_at,
-                )  # fmt: skip
+                candidates = self._decode_candidates(state)
+                if not candidates:
+                    raise state.error or ProxyError(503, "no healthy decode instance")
+                instance = self._select(self._decode, candidates, state.routing)
+                instance.in_flight_requests += 1
+                instance.in_flight_tokens += load
+                try:
+                    response, status = await self._decode_leg(
+                        state, instance, body, path, prefilled_at
+                    )
+                    return response, status, path
+                except (ProxyError, UpstreamReply) as failure:
+                    backoff = self._retry_after(state, instance, failure)
+                    if backoff is None:
+                        raise
+                finally:
+                    instance.in_flight_requests -= 1
+                    instance.in_flight_tokens -= load
             finally:
-                instance.in_flight_requests -= 1
-                instance.in_flight_tokens -= load
-        finally:
-            if kv_params is not None and status != 200 and self._kv_releaser is not None:
-                # The decode leg did not complete: its blocks may never be read. Releasing
-                # blocks a decode did read (or still reads) is harmless.
-                self._kv_releaser.release_soon(kv_params)
-        return response, status, path
+                if kv_params is not None and status != 200 and self._kv_releaser is not None:
+                    # The decode leg did not complete: its blocks may never be read. Released
+                    # now, not when the request ends: a retry leaves them behind for good.
+                    # Releasing blocks a decode did read (or still reads) is harmless.
+                    self._kv_releaser.release_soon(kv_params)
+            if backoff:
+                await asyncio.sleep(backoff)
+
+    def _decode_candidates(self, state: _RequestState) -> list[Instance]:
+        candidates = self._registry.routable(Role.DECODE)
+        if state.failed_decodes:
+            candidates = [c for c in candidates if c.url not in state.failed_decodes]
+        return candidates
+
+    def _retry_after(
+        self, state: _RequestState, instance: Instance, failure: ProxyError | UpstreamReply
+    ) -> float | None:
+        """Record a decode leg that failed before the client had a byte; the wait before the
+        request moves to another decode instance, or None when it may not move."""
+        state.failed_decodes += (instance.url,)
+        state.error = failure
+        retry = self._retry
+        if state.retries + 1 >= retry.decode_attempts:
+            return None
+        backoff = min(retry.backoff_s * 2**state.retries, retry.backoff_max_s)
+        if asyncio.get_running_loop().time() + backoff >= state.deadline:
+            return None
+        if not self._decode_candidates(state):
+            return None
+        state.retries += 1
+        self._decode_retries.inc()
+        if isinstance(failure, ProxyError):
+            reason = failure.message
+        else:
+            reason = f"it answered HTTP {failure.status}: {failure.body[:200]!r}"
+        log.warning(
+            "request %s: decode instance %s failed before the client had a byte (%s); "
+            "moving the request to another decode instance (move %d of at most %d)",
+            state.request_id, instance.url, reason, state.retries, retry.decode_attempts - 1,
+        )  # fmt: skip
+        return backoff
 
     def _select(
         self, routed: RoutedPolicy, candidates: list[Instance], routing: RoutingRequest
@@ -219,16 +302,29 @@ class PDFlow:
         counter.inc()
         return instance
 
+    def _deadline_passed(self, state: _RequestState, leg: str) -> ProxyError:
+        return ProxyError(
+            504,
+            f"request {state.request_id} used up its {self._retry.deadline_s:g}s deadline "
+            f"before its {leg} leg could start",
+        )
+
+    def _within(self, budget: float, stage_s: float) -> str:
+        """How long a leg was given (its stage timeout, or less when the request's deadline
+        came first), for error messages."""
+        if budget < stage_s:
+            return f"{budget:.2f}s (what was left of the request's {self._retry.deadline_s:g}s)"
+        return f"{stage_s:g}s"
+
     # -- prefill leg --------------------------------------------------------------------
 
-    async def _prefill_with_retry(
-        self, req: ClientRequest, routing: RoutingRequest, headers: bytes
-    ) -> dict[str, Any] | None:
-        """kv_transfer_params from a prefill instance, trying a second one once.
+    async def _prefill_with_retry(self, state: _RequestState) -> dict[str, Any] | None:
+        """kv_transfer_params from a prefill instance, trying a second one once (within the
+        request's deadline).
 
         None when no prefill instance is routable at all.
         """
-        body = prefill_body(req)
+        body = prefill_body(state.req)
         failed: Instance | None = None
         error: ProxyError | None = None
         for attempt in range(2):
@@ -238,9 +334,11 @@ class PDFlow:
             if not candidates:
                 break
             if attempt:
+                if asyncio.get_running_loop().time() >= state.deadline:
+                    break
                 self._prefill_retries.inc()
-            instance = self._select(self._prefill, candidates, routing)
-            outcome = await self._prefill_once(instance, req.endpoint, body, headers, routing)
+            instance = self._select(self._prefill, candidates, state.routing)
+            outcome = await self._prefill_once(state, instance, body)
             if isinstance(outcome, dict):
                 return outcome
             error, failed = outcome, instance
@@ -249,24 +347,24 @@ class PDFlow:
         return None
 
     async def _prefill_once(
-        self,
-        instance: Instance,
-        endpoint: Endpoint,
-        body: bytes,
-        headers: bytes,
-        routing: RoutingRequest,
+        self, state: _RequestState, instance: Instance, body: bytes
     ) -> dict[str, Any] | ProxyError:
         loop = asyncio.get_running_loop()
+        routing = state.routing
+        sent = loop.time()
+        # The stage's timeout, cut to what is left of the request's deadline.
+        budget = min(self._timeouts.prefill_s, state.deadline - sent)
+        if budget <= 0:
+            return self._deadline_passed(state, "prefill")
         tokens = routing.prompt_tokens
         instance.in_flight_requests += 1
         instance.in_flight_tokens += tokens
         instance.queued_prompt_tokens += tokens
-        sent = loop.time()
         url = instance.url
         try:
-            async with asyncio.timeout(self._timeouts.prefill_s):
+            async with asyncio.timeout(budget):
                 upstream = await self._pool.request(
-                    url, b"POST", endpoint.path_bytes, body, headers
+                    url, b"POST", state.req.endpoint.path_bytes, body, state.headers
                 )
                 try:
                     data = await upstream.read()
@@ -288,7 +386,9 @@ class PDFlow:
         except TimeoutError:
             self._timeout_counters["prefill"].inc()
             return ProxyError(
-                504, f"prefill instance {url} did not answer within {self._timeouts.prefill_s:g}s"
+                504,
+                f"prefill instance {url} did not answer within "
+                f"{self._within(budget, self._timeouts.prefill_s)}",
             )
         finally:
             instance.in_flight_requests -= 1
@@ -314,29 +414,36 @@ class PDFlow:
 
     async def _decode_leg(
         self,
-        http_request: web.Request,
-        req: ClientRequest,
+        state: _RequestState,
         instance: Instance,
         body: bytes,
-        headers: bytes,
-        request_id: str,
-        started: float,
         path: RoutePath,
-        routing: RoutingRequest,
         prefilled_at: float | None,
     ) -> tuple[web.StreamResponse, int]:
+        """Relay the decode instance's answer to the client.
+
+        Raises ProxyError or UpstreamReply (a 5xx answer) only while the client has no byte
+        yet: another decode instance may then serve the request. Once a stream has started,
+        a failure ends it with an SSE error event instead.
+        """
         loop = asyncio.get_running_loop()
         metrics = self._metrics
+        req = state.req
+        request_id = state.request_id
+        routing = state.routing
         url = instance.url
         stream = _Stream()
         sent = loop.time()
+        budget = min(self._timeouts.first_byte_s, state.deadline - sent)
+        if budget <= 0:
+            raise self._deadline_passed(state, "decode")
         if prefilled_at is not None:
             metrics.stage_handoff.observe(sent - prefilled_at)
         upstream: UpstreamResponse | None = None
         try:
-            async with asyncio.timeout(self._timeouts.first_byte_s) as deadline:
+            async with asyncio.timeout(budget) as deadline:
                 upstream = await self._pool.request(
-                    url, b"POST", req.endpoint.path_bytes, body, headers
+                    url, b"POST", req.endpoint.path_bytes, body, state.headers
                 )
                 if not (req.stream and upstream.status == 200):
                     data = await upstream.read()
@@ -345,6 +452,8 @@ class PDFlow:
                         self._decode.policy.observe(instance, routing, loop.time() - sent)
                         if prefilled_at is not None:
                             metrics.kv_handoff_outcomes[handoff_outcome(data)].inc()
+                    elif upstream.status in _RETRYABLE_DECODE_STATUSES:
+                        raise UpstreamReply(upstream.status, data, upstream.content_type)
                     response = web.Response(
                         status=upstream.status,
                         body=data,
@@ -369,7 +478,7 @@ class PDFlow:
                 stream.out = out
                 tail = b""
                 try:
-                    await out.prepare(http_request)
+                    await out.prepare(state.http)
                     if upstream.at_end:
                         tail = chunk
                     else:
@@ -383,9 +492,10 @@ class PDFlow:
                     metrics.kv_handoff_outcomes["unreported"].inc()
                 endpoint = req.endpoint.value
                 model = metrics.model_label(req.model, served=True)  # the decode answered 200
-                metrics.ttft.labels(endpoint, model, path.value).observe(loop.time() - started)
+                ttft = loop.time() - state.started
+                metrics.ttft.labels(endpoint, model, path.value).observe(ttft)
                 itl = metrics.itl.labels(endpoint, model)
-                transport = http_request.transport
+                transport = state.http.transport
                 if transport is None:
                     raise ClientGone(out)
                 # A write waits for the client only if something is already queued for it
@@ -452,7 +562,7 @@ class PDFlow:
                 self._timeout_counters["first_byte"].inc()
                 raise ProxyError(
                     504, f"decode instance {url} sent nothing within "
-                    f"{self._timeouts.first_byte_s:g}s",
+                    f"{self._within(budget, self._timeouts.first_byte_s)}",
                 ) from None  # fmt: skip
             self._timeout_counters["stall"].inc()
             error = ProxyError(

@@ -183,6 +183,7 @@ class ProxyServer:
             timeouts=config.timeouts,
             disagg_min_prompt_tokens=config.disagg_min_prompt_tokens,
             kv_releaser=self._kv_releaser,
+            retries=config.retries,
         )
         public = PublicAPI(
             flow=flow,

@@ -369,6 +369,21 @@ def overview() -> Dashboard:
             ],
             "ops",
         ),
+        Panel(
+            "Decode migrations / s",
+            [
+                Target(
+                    "sum by (stage, outcome) "
+                    f"(rate(pdserve_migrations_total{{{proxy}}}[{RATE}])) or vector(0)",
+                    "{{stage}} {{outcome}}",
+                )
+            ],
+            "ops",
+            description="Requests moved to another decode instance (with a fresh prefill "
+            "leg) after their decode leg failed, one per move, by stage (before_first_byte: "
+            "the client had no byte yet) and outcome (succeeded: the request then ended with "
+            "HTTP 200; failed: it did not).",
+        ),
     ]
     return dash
 

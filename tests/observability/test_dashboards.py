@@ -36,6 +36,7 @@ CONTRACT_METRICS = {
     "pdserve_instance_in_flight_tokens",
     "pdserve_instance_healthy",
     "pdserve_retries",
+    "pdserve_migrations",
     "pdserve_ejections",
     "pdserve_timeouts",
     "pdserve_routing_decisions",

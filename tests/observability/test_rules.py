@@ -127,6 +127,7 @@ def test_every_alert_has_severity_summary_and_description() -> None:
         "PdserveKVLeaseExpired",
         "PdserveKVBlocksHeldWithoutTraffic",
         "PdserveKVRecomputeHigh",
+        "PdserveDecodeMigrations",
     } <= names
 
 

@@ -3,15 +3,20 @@ ProxyServer listening on ephemeral ports, driven over real HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
+from proxy_helpers import KV_SECRET
 
 from benchmarks.fake_worker import FakeWorker
 from proxy.config import ProxyConfig
 from proxy.server import ProxyServer
+
+if TYPE_CHECKING:
+    from kv_transfer.block_server import BlockServer
+    from kv_transfer.leases import LeaseTable
 
 WorkerFactory = Callable[..., Awaitable[FakeWorker]]
 ProxyFactory = Callable[..., Awaitable[ProxyServer]]
@@ -82,3 +87,30 @@ async def proxy(make_proxy: ProxyFactory, prefill: FakeWorker, decode: FakeWorke
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+def kv_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[BlockServer, LeaseTable]]:
+    """A real KV block server (and its lease table) that shares the secret proxies started
+    afterwards read from the environment, so their releases reach it. Point a fake prefill's
+    ``kv_transfer_params`` at it with ``kv_params_at(server.port)``."""
+    # Imported here: torch is slow to import and most proxy tests never need it.
+    import torch
+
+    from kv_transfer import wire
+    from kv_transfer.block_server import BlockServer, ServerSettings
+    from kv_transfer.device import KVCacheAccess
+    from kv_transfer.leases import LeaseTable
+
+    monkeypatch.setenv("PDSERVE_KV_SECRET", KV_SECRET.decode())
+    layers = [torch.zeros(8, 1, 32, 64, dtype=torch.float16)]
+    leases = LeaseTable()
+    fingerprint = wire.KVFingerprint("fake-model", "torch.float16", 32, "LBHNC", 1, (1, 32, 64))
+    server = BlockServer(
+        ServerSettings("127.0.0.1", 0, KV_SECRET), fingerprint, KVCacheAccess(layers), leases
+    )
+    server.start()
+    try:
+        yield server, leases
+    finally:
+        server.stop()

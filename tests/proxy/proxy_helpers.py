@@ -8,11 +8,19 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from kv_transfer import params as kvp
+
+if TYPE_CHECKING:
+    from kv_transfer.leases import LeaseTable
+    from proxy.server import ProxyServer
+
 MODEL = "fake-model"
+# The KV secret of the tests' real block servers (conftest's kv_server) and their proxies.
+KV_SECRET = b"proxy-test-secret"
 # `pdserve ...` as a child process, with this interpreter.
 PDSERVE = [sys.executable, "-m", "deploy.cli"]
 
@@ -77,3 +85,30 @@ def wait_http(url: str, timeout_s: float = 30.0) -> None:
         except OSError:
             time.sleep(0.1)
     raise AssertionError(f"{url} did not come up within {timeout_s}s")
+
+
+def kv_params_at(kv_port: int) -> dict[str, Any]:
+    """kv_transfer_params fields that point a fake prefill's answers at a real KV block
+    server (conftest's ``kv_server``), so the proxy's releases of them reach it. Each
+    answer keeps its own ``remote_request_id``."""
+    return {
+        "transfer_mode": kvp.TRANSFER_MODE,
+        "remote_host": "127.0.0.1",
+        "remote_port": kv_port,
+    }
+
+
+def kv_releases(server: ProxyServer, outcome: str) -> float:
+    """pdserve_kv_releases_total{outcome} of a proxy."""
+    text = server.metrics.render().decode()
+    return metric_value(text, "pdserve_kv_releases_total", outcome=outcome)
+
+
+def was_released(leases: LeaseTable, params: dict[str, Any]) -> bool:
+    """Whether the block server behind ``leases`` was told to release ``params``' blocks.
+
+    Fake prefills hold nothing, so the release of an id is remembered until its hold
+    arrives and then ends that hold at once; this adds the hold and looks."""
+    request_id = str(params["remote_request_id"])
+    leases.add(request_id, [1], time.time() + 60)
+    return not leases.holds(request_id)

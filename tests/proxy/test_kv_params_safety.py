@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
-import torch
 from conftest import ProxyFactory, WorkerFactory
-from proxy_helpers import MODEL, metric_value
+from proxy_helpers import MODEL, kv_params_at, metric_value
 
 from benchmarks.fake_worker import FakeWorker
 from deploy.worker_launch import free_port
-from kv_transfer import params as kvp
-from kv_transfer import wire
-from kv_transfer.block_server import BlockServer, ServerSettings
-from kv_transfer.device import KVCacheAccess
+from kv_transfer.block_server import BlockServer
 from kv_transfer.leases import LeaseTable
 from proxy.server import ProxyServer
-
-SECRET = b"proxy-test-secret"
 
 FORGED = {
     "do_remote_prefill": True,
@@ -102,20 +95,11 @@ async def test_streamed_handoff_counts_as_unreported(
 
 
 @pytest.fixture
-def held_lease() -> Iterator[tuple[BlockServer, LeaseTable]]:
+def held_lease(kv_server: tuple[BlockServer, LeaseTable]) -> tuple[BlockServer, LeaseTable]:
     """A real KV block server whose lease table holds request ``held-1`` for a minute."""
-    layers = [torch.zeros(8, 1, 32, 64, dtype=torch.float16)]
-    leases = LeaseTable()
-    fingerprint = wire.KVFingerprint("fake-model", "torch.float16", 32, "LBHNC", 1, (1, 32, 64))
-    server = BlockServer(
-        ServerSettings("127.0.0.1", 0, SECRET), fingerprint, KVCacheAccess(layers), leases
-    )
-    server.start()
+    server, leases = kv_server
     leases.add("held-1", [1, 2], time.time() + 60)
-    try:
-        yield server, leases
-    finally:
-        server.stop()
+    return server, leases
 
 
 @pytest.mark.parametrize("failure", ["decode-500", "decode-unreachable", "no-decode-left"])
@@ -124,11 +108,9 @@ async def test_failed_decode_leg_releases_the_prefill_blocks_at_once(
     make_proxy: ProxyFactory,
     http: aiohttp.ClientSession,
     held_lease: tuple[BlockServer, LeaseTable],
-    monkeypatch: pytest.MonkeyPatch,
     failure: str,
 ) -> None:
     server, leases = held_lease
-    monkeypatch.setenv("PDSERVE_KV_SECRET", SECRET.decode())
     prefill = await make_worker("prefill", kv_params_override=_params_naming(server))
     decode = await make_worker("decode", tokens=4)
     decode_urls: list[FakeWorker | str] = [decode]
@@ -175,9 +157,4 @@ async def test_completed_decode_leg_sends_no_release(
 
 def _params_naming(server: BlockServer) -> dict[str, object]:
     """kv_transfer_params fields that point a fake prefill's answer at the held lease."""
-    return {
-        "transfer_mode": kvp.TRANSFER_MODE,
-        "remote_host": "127.0.0.1",
-        "remote_port": server.port,
-        "remote_request_id": "held-1",
-    }
+    return {**kv_params_at(server.port), "remote_request_id": "held-1"}

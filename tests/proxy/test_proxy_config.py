@@ -30,6 +30,10 @@ def test_defaults_match_the_contract() -> None:
     assert (t.connect_s, t.prefill_s, t.first_byte_s, t.stall_s) == (2.0, 300.0, 300.0, 120.0)
     h = config.health
     assert (h.interval_s, h.timeout_s, h.failures_to_eject, h.successes_to_readmit) == (2, 2, 3, 2)
+    r = config.retries
+    assert (r.decode_attempts, r.backoff_s, r.backoff_max_s, r.deadline_s) == (3, 0.05, 1.0, 600.0)
+    # The default deadline leaves a first attempt its full stage timeouts.
+    assert r.deadline_s >= t.prefill_s + t.first_byte_s
 
 
 def test_topology_file_proxy_section(tmp_path: Path) -> None:
@@ -42,6 +46,7 @@ def test_topology_file_proxy_section(tmp_path: Path) -> None:
         "  decode: ['http://127.0.0.1:8200/']\n"
         "  decode_policy: {name: power_of_two}\n"
         "  timeouts: {stall_s: 5}\n"
+        "  retries: {decode_attempts: 1, deadline_s: 30}\n"
     )
     config = load_proxy_config(path)
     assert config.port == 9000
@@ -49,6 +54,7 @@ def test_topology_file_proxy_section(tmp_path: Path) -> None:
     assert config.decode == ["http://127.0.0.1:8200"]
     assert config.decode_policy.name == "power_of_two"
     assert config.timeouts.stall_s == 5
+    assert (config.retries.decode_attempts, config.retries.deadline_s) == (1, 30)
 
 
 @pytest.mark.parametrize(
@@ -56,6 +62,10 @@ def test_topology_file_proxy_section(tmp_path: Path) -> None:
     [
         ("proxy: {prot: 1}\n", "prot"),
         ("proxy: {timeouts: {stall_s: -1}}\n", "timeouts.stall_s"),
+        ("proxy: {retries: {decode_attempts: 0}}\n", "retries.decode_attempts"),
+        ("proxy: {retries: {deadline_s: 0}}\n", "retries.deadline_s"),
+        ("proxy: {retries: {backoff_s: 2, backoff_max_s: 1}}\n", "retries: backoff_max_s"),
+        ("proxy: {retries: {attempts: 2}}\n", "retries.attempts: unknown key"),
         ("proxy: {decode: ['ftp://x']}\n", "decode"),
         ("- a list\n", "mapping"),
         ("proxy: [\n", "not valid YAML"),

@@ -1,4 +1,6 @@
-"""Failures: retries, per-stage timeouts, dropped streams, disconnects, ejection."""
+"""Failures: retries, per-stage timeouts, dropped streams, disconnects, ejection.
+
+Moving a request to another decode instance is covered in depth by test_decode_retry.py."""
 
 from __future__ import annotations
 
@@ -8,9 +10,19 @@ import aiohttp
 import orjson
 import pytest
 from conftest import ProxyFactory, WorkerFactory
-from proxy_helpers import MODEL, metric_value, sse_events, wait_for
+from proxy_helpers import (
+    MODEL,
+    kv_params_at,
+    kv_releases,
+    metric_value,
+    sse_events,
+    wait_for,
+    was_released,
+)
 
 from benchmarks.fake_worker import FakeWorker
+from kv_transfer.block_server import BlockServer
+from kv_transfer.leases import LeaseTable
 from proxy.server import ProxyServer
 
 COMPLETIONS = "/v1/completions"
@@ -115,26 +127,33 @@ async def test_dead_prefill_instance_is_skipped_by_retry(
     assert len(alive.generate_requests()) == 1
 
 
-# -- the decode leg is never repeated --------------------------------------------------
+# -- a failed decode leg moves to another decode instance with a fresh prefill leg ----
 
 
 async def test_kv_transfer_params_never_go_to_a_second_decode_instance(
     make_proxy: ProxyFactory,
     make_worker: WorkerFactory,
-    prefill: FakeWorker,
+    kv_server: tuple[BlockServer, LeaseTable],
     http: aiohttp.ClientSession,
 ) -> None:
+    block_server, leases = kv_server
+    prefill = await make_worker("prefill", kv_params_override=kv_params_at(block_server.port))
     first, second = await make_worker("decode"), await make_worker("decode")
     server = await make_proxy([prefill], [first, second])
-    await first.stop()
-    async with http.post(server.url + COMPLETIONS, json=BODY) as response:
-        assert response.status == 502
-        assert "decode instance" in (await response.json())["error"]["message"]
-    assert second.generate_requests() == []
-    # The next request goes to the healthy one (round robin moved on).
+    await first.stop()  # connection refused from now on
     async with http.post(server.url + COMPLETIONS, json=BODY) as response:
         assert response.status == 200
-    assert len(second.generate_requests()) == 1
+    # The second decode got the params of a second, fresh prefill leg, not the first's.
+    assert len(prefill.generate_requests()) == 2
+    issued_first, issued_second = prefill.kv_issued
+    assert issued_first["remote_request_id"] != issued_second["remote_request_id"]
+    [leg] = second.generate_requests()
+    assert leg.body["kv_transfer_params"] == issued_second
+    # The first leg's blocks were released at once; the second leg's are the decode's.
+    await wait_for(lambda: kv_releases(server, "not_held") == 1)
+    assert kv_releases(server, "released") == kv_releases(server, "failed") == 0
+    assert was_released(leases, issued_first)
+    assert not was_released(leases, issued_second)
 
 
 # -- timeouts --------------------------------------------------------------------------
@@ -180,6 +199,9 @@ async def test_first_byte_timeout_is_a_504(
     await wait_for(lambda: decode.disconnects == 1)
     text = await metrics_text(server, http)
     assert metric_value(text, "pdserve_timeouts_total", stage="first_byte") == 1
+    # No other decode instance to move to: the one attempt's error is the answer.
+    assert metric_value(text, "pdserve_retries_total", stage="decode") == 0
+    assert len(prefill.generate_requests()) == 1
 
 
 async def test_stall_mid_stream_ends_with_an_sse_error_then_done(
@@ -346,7 +368,10 @@ async def test_connection_failures_on_requests_eject_without_waiting_for_checks(
         async with http.post(server.url + COMPLETIONS, json=BODY) as response:
             statuses.append(response.status)
     assert not server.registry.require(dead.url).healthy
-    # The first failure(s) surface as 502 (the start-up health round may count one too);
-    # after the second failure in a row the instance is out and everything succeeds.
-    assert statuses[0] == 502 and 1 <= statuses.count(502) <= 2
-    assert statuses[2:] == [200] * 4
+    # Requests routed to the dead instance moved to the steady one; after the second
+    # failure in a row (the start-up health round may count one too) it is out and
+    # requests no longer go there first.
+    assert statuses == [200] * 6
+    moved = metric_value(await metrics_text(server, http), "pdserve_retries_total", stage="decode")
+    assert 1 <= moved <= 2
+    assert len(steady.generate_requests()) == 6
