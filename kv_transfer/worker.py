@@ -264,13 +264,15 @@ class TcpPullWorker:
             self._seen_finished.move_to_end(request_id)
         # Ids of requests that were never held would pile up; forget old ones. Never one
         # whose blocks are still held (a claimed lease lives as long as the decode waits) or
-        # whose end is not reported yet: vLLM would never free those blocks.
+        # whose end is not reported yet: vLLM would never free those blocks. "Not reported"
+        # includes a lease a block-server thread ended since the last drain, asked of the
+        # lease table in the same breath as "held".
         horizon = now - 2 * self._settings.transfer.lease_s - 60.0
         for _ in range(len(self._seen_finished)):
             oldest, seen_at = next(iter(self._seen_finished.items()))
             if seen_at >= horizon:
                 break
-            if oldest in self._unreported_sends or self._leases.holds(oldest):
+            if oldest in self._unreported_sends or self._leases.unreported(oldest):
                 self._seen_finished[oldest] = now
                 self._seen_finished.move_to_end(oldest)
             else:

@@ -209,3 +209,17 @@ def test_acquire_of_an_unknown_request_gives_up_after_its_wait() -> None:
         table.acquire("nobody", [1], wait_s=0.2)
     assert info.value.code == "unknown_request"
     assert 0.15 <= time.monotonic() - started < 5
+
+
+def test_a_lease_stays_unreported_from_its_hold_until_its_end_is_drained() -> None:
+    table = LeaseTable()
+    assert not table.unreported("r")
+    table.renew(["r"], 30.0)  # a claim that arrived before the hold: the hold is coming
+    assert table.unreported("r") and table.holds("r")
+    table.add("r", [1], expires_at=time.time() + 30)
+    assert table.unreported("r")
+    table.release("r")
+    assert not table.holds("r")
+    assert table.unreported("r"), "ended but not drained: its end is still to be reported"
+    assert table.drain_done() == [("r", EndReason.RELEASED)]
+    assert not table.unreported("r")

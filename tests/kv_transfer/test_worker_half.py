@@ -313,3 +313,28 @@ def test_a_lease_claimed_past_the_forget_horizon_is_still_reported_when_it_ends(
         assert p.get_finished(set())[0] == {"long"}
     finally:
         p.shutdown()
+
+
+def test_a_lease_that_ends_just_as_its_request_id_turns_old_is_still_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The faults benchmark's leak: a lease claimed for longer than the forget horizon, released
+    by a block-server thread between two engine steps, just before the step in which its
+    finished id turned old. That step saw the id neither held (the lease had ended) nor
+    unreported (its end was not drained yet) and forgot it: the end was never reported, vLLM
+    never freed the blocks and the engine stepped forever. Forced with a fake clock."""
+    import kv_transfer.worker as worker_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(worker_module.time, "monotonic", clock)
+    p = worker("prefill", lease_s=1.0)
+    p.register_layers(vllm_like_cpu_cache())
+    try:
+        p.register_holds(TcpPullMetadata(holds=[HoldSpec("long", (1, 2), time.time() + 3600)]))
+        assert p.get_finished({"long"})[0] == set()
+        clock.now += 1000.0  # past the horizon, no step in between
+        p.leases.release("long")  # a block-server thread, between two steps
+        assert p.get_finished(set())[0] == {"long"}
+        assert p.get_finished(set())[0] == set()  # reported once
+    finally:
+        p.shutdown()
