@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
 
 from deploy.cli import CliError
 
@@ -48,3 +51,24 @@ def run(args: argparse.Namespace) -> int:
     module.add_arguments(parser)
     bench_args = parser.parse_args(args.benchmark_args)
     return int(module.run(bench_args) or 0)
+
+
+def standalone(module: ModuleType, argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.NAME``: the benchmark's own options and run, with the answers
+    ``pdserve`` gives: bad input is one line and exit 2, Ctrl-C exit 130."""
+    module_name = module.__spec__.name if module.__spec__ else module.__name__
+    name = module_name.rsplit(".", 1)[-1]
+    doc = (module.__doc__ or "").strip()
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module_name}", description=doc.splitlines()[0] if doc else None
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args) or 0)
+    except CliError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130

@@ -36,7 +36,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -748,3 +748,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _held(result: PhaseResult) -> int:
     return sum(v for v in result.kv_blocks_held_after.values() if v is not None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from benchmarks.cli import standalone
+
+    return standalone(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -934,19 +934,9 @@ def run_embedded(args: argparse.Namespace, prefix: str, default_out_dir: Path) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.kv_pull_wait", description=(__doc__ or "").splitlines()[0]
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except CliError as exc:
-        print(f"kv_pull_wait: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("kv_pull_wait: interrupted; everything it started is stopped", file=sys.stderr)
-        return 130
+    from benchmarks.cli import standalone
+
+    return standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ import json
 import platform
 import socket
 import statistics
+import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -440,15 +442,11 @@ def _print_row(row: Row, header: bool) -> None:
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kv_transfer", description=__doc__)
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args())
-    except CliError as exc:
-        print(f"kv_transfer benchmark: {exc}")
-        return 2
+def main(argv: Sequence[str] | None = None) -> int:
+    from benchmarks.cli import standalone
+
+    return standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

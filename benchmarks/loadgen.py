@@ -421,18 +421,9 @@ def _run_with_uvloop(coro: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    from deploy.cli import CliError
+    from benchmarks.cli import standalone
 
-    try:
-        return run(args)
-    except CliError as exc:
-        print(f"loadgen: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -812,21 +812,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.pd_vs_aggregated", description=__doc__.splitlines()[0]
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    from deploy.cli import CliError
+    from benchmarks.cli import standalone
 
-    try:
-        return run(args)
-    except CliError as exc:
-        print(f"pd_vs_aggregated: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pd_vs_aggregated: interrupted; everything it started is stopped", file=sys.stderr)
-        return 130
+    return standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
