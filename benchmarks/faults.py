@@ -676,7 +676,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load after the fault is lifted and the instance is back (default 15: more "
         "than the KV lease, so blocks of requests the fault hit have expired)",
     )
-    parser.add_argument("--max-phase-s", type=float, default=400.0)
+    parser.add_argument(
+        "--max-phase-s",
+        type=float,
+        default=900.0,
+        help="longest wait for a killed instance to be back in rotation (default 900: on two "
+        "shared cores a vLLM restart under load takes 4-7 minutes)",
+    )
     parser.add_argument("--stop-s", type=float, default=20.0, help="SIGSTOP length (default 20)")
     parser.add_argument("--refuse-s", type=float, default=20.0, help="KV port refused for")
     parser.add_argument("--disconnect-every", type=int, default=3)
