@@ -86,7 +86,7 @@ def test_table_and_plot(tmp_path: Path) -> None:
     table = faults.format_table(results).splitlines()
     assert table[0].split()[:3] == ["fault", "target", "sent"]
     assert table[1].split() == [
-        "kill-decode", "decode-0", "40", "30", "6", "2", "0", "2", "3", "0", "61.5", "s"
+        "kill-decode", "decode-0", "40", "30", "6", "2", "0", "2", "3", "0", "-", "61.5", "s"
     ]  # fmt: skip
     assert "skipped: needs root" in table[2]
     assert table[3].split()[-1] == "-"
@@ -97,6 +97,11 @@ def test_table_and_plot(tmp_path: Path) -> None:
 
 def test_held_blocks_and_hangs_fail_the_run() -> None:
     assert faults._held(_result("x", kv_blocks_held_after={"prefill-0": 3, "prefill-1": None})) == 3
+    expired = _result("x", kv_blocks_held_after={"prefill-0": 3}, kv_blocks_held_after_lease={})
+    assert faults._held(expired, after_lease=True) == 0
+    leaked = _result("x", kv_blocks_held_after_lease={"prefill-0": 1, "prefill-1": 0})
+    assert faults._held(leaked, after_lease=True) == 1
+    assert faults.format_row(leaked).split()[10] == "1"
 
 
 # -- the load's classification --------------------------------------------------------------
