@@ -7,6 +7,16 @@ token and a ``kv_transfer_params`` dict shaped like a vLLM NIXL producer's; a de
 worker streams N tokens. Every request is recorded (path, headers, JSON body), and
 fault knobs make it fail, hang, stall, drop streams or fail health checks.
 
+Streams are laid out as vLLM 0.32 writes them (pydantic's compact JSON, its key order,
+``"prompt_token_ids"``/``"token_ids"`` null unless ``return_token_ids`` asks for them,
+a separate role chunk first in chat streams, usage only with
+``stream_options.include_usage``), so the proxy's byte-level handling of them is tested
+against the real layout. Generation is a deterministic function of the token-id prefix
+("greedy"): the next token is ``GENERATED_BASE + k`` where k counts the prefix's tokens
+at or above ``GENERATED_BASE``, and its text is ``" tok<k>"``. A request whose token-id
+prompt is another's prompt plus its first k output tokens therefore continues exactly
+where that one would have gone on; word prompts map to ids below ``GENERATED_BASE``.
+
 In-process::
 
     worker = FakeWorker("decode", tokens=8)
@@ -22,6 +32,7 @@ import asyncio
 import itertools
 import signal
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +43,8 @@ from multidict import CIMultiDict
 from kv_transfer import params as kvp
 
 ROLES = ("prefill", "decode")
+# Output token ids start here; prompt words get ids below it.
+GENERATED_BASE = 100_000
 
 
 @dataclass
@@ -52,8 +65,11 @@ class Faults:
     hang: bool = False  # generate requests never answer
     delay_s: float = 0.0  # wait before answering a generate request
     first_chunk_delay_s: float = 0.0  # streams: pause between the headers and the first chunk
-    stall_after_chunks: int | None = None  # streams: go silent after N chunks
-    drop_after_chunks: int | None = None  # streams: cut the connection after N chunks
+    # Streams: go silent, or cut the connection, after N chunks (the usage chunk counts;
+    # with N = all of them, the cut comes before data: [DONE]).
+    stall_after_chunks: int | None = None
+    drop_after_chunks: int | None = None
+    drop_inside_event: bool = False  # the cut comes after half of the next chunk
     unhealthy: bool = False  # /health answers 503
     omit_kv_transfer_params: bool = False  # prefill answers without kv_transfer_params
 
@@ -66,6 +82,9 @@ class FakeWorker:
     model: str = "fake-model"
     tokens: int = 16  # output tokens when the request sets no max_tokens
     token_delay_s: float = 0.0
+    # Output tokens per streamed chunk (vLLM batches several under load or with a
+    # stream interval).
+    tokens_per_chunk: int = 1
     # Decode: the pdserve KV outcome reported in non-streamed answers to remote-prefill
     # requests, as a pdserve decode worker does (None: say nothing, as stock vLLM does).
     kv_outcome: str | None = None
@@ -183,17 +202,18 @@ class FakeWorker:
                 self.kv_issued.append(kv_out)
         elif self.kv_outcome is not None and kv_in.get(kvp.DO_REMOTE_PREFILL):
             kv_out = kvp.DecodeOutcome(self.kv_outcome).to_params()
+        prompt_ids = _prompt_ids(body, chat)
+        # vLLM's UsageInfo field order.
         usage = {
-            "prompt_tokens": _prompt_tokens(body, chat),
+            "prompt_tokens": len(prompt_ids),
+            "total_tokens": len(prompt_ids) + count * n,
             "completion_tokens": count * n,
-            "total_tokens": _prompt_tokens(body, chat) + count * n,
         }
         if body.get("stream"):
-            return await self._stream(request, body, chat, request_id, count, n, usage)
-        choices = [
-            _choice(chat, index, "".join(_token(i) for i in range(count)), "length")
-            for index in range(n)
-        ]
+            return await self._stream(request, body, chat, request_id, prompt_ids, count, n)
+        output = _generate(prompt_ids, count)
+        text = "".join(_token_text(t) for t in output)
+        choices = [_choice(chat, index, text, "length") for index in range(n)]
         payload = {
             "id": ("chatcmpl-" if chat else "cmpl-") + request_id,
             "object": "chat.completion" if chat else "text_completion",
@@ -211,19 +231,27 @@ class FakeWorker:
         body: dict[str, Any],
         chat: bool,
         request_id: str,
+        prompt_ids: list[int],
         count: int,
         n: int,
-        usage: dict[str, int],
     ) -> web.StreamResponse:
+        """The SSE body vLLM 0.32's serving code writes (``completion_stream_generator``,
+        ``chat_completion_stream_generator``), chunk for chunk and byte for byte."""
         faults = self.faults
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await out.prepare(request)
-        base = {
+        head = {
             "id": ("chatcmpl-" if chat else "cmpl-") + request_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()),
             "model": self.model,
         }
+        want_ids = bool(body.get("return_token_ids"))
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        continuous = include_usage and bool(options and options.get("continuous_usage_stats"))
+        prompt_len = len(prompt_ids)
+        output = _generate(prompt_ids, count)
         if faults.first_chunk_delay_s:
             await asyncio.sleep(faults.first_chunk_delay_s)
         sent = 0
@@ -238,35 +266,75 @@ class FakeWorker:
                 log.extend(data)
                 self.streams[slot] = bytes(log)
 
-        for i in range(count):
-            for index in range(n):
-                if faults.drop_after_chunks is not None and sent >= faults.drop_after_chunks:
-                    assert request.transport is not None
+        async def event(chunk: dict[str, Any] | None) -> bool:
+            """Send one event (None: data: [DONE]); False once a fault cut the stream."""
+            nonlocal sent
+            data = b"data: " + (_dumps(chunk) if chunk is not None else b"[DONE]") + b"\n\n"
+            if faults.drop_after_chunks is not None and sent >= faults.drop_after_chunks:
+                assert request.transport is not None
+                if faults.drop_inside_event:
+                    await emit(data[: len(data) // 2])
+                    # Flushed, then closed without the body's last chunk: the half
+                    # surely arrives, where a reset might overtake it.
+                    request.transport.close()
+                else:
                     request.transport.abort()
+                return False
+            if faults.stall_after_chunks is not None and sent >= faults.stall_after_chunks:
+                await asyncio.Event().wait()
+            await emit(data)
+            sent += chunk is not None
+            return True
+
+        def with_usage(chunk: dict[str, Any], completion: int) -> dict[str, Any]:
+            if continuous:
+                usage: dict[str, Any] = _usage(prompt_len, completion)
+                if chat:  # set explicitly (to None) by vLLM's chat code, so written
+                    usage["completion_tokens_details"] = None
+                chunk["usage"] = usage
+            return chunk
+
+        if chat:
+            for index in range(n):
+                role: dict[str, Any] = {
+                    "index": index, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None, "finish_reason": None,
+                }  # fmt: skip
+                chunk = with_usage({**head, "choices": [role]}, 0)
+                chunk["prompt_token_ids"] = prompt_ids if want_ids else None
+                chunk["prompt_text"] = None
+                if not await event(chunk):
                     return out
-                if faults.stall_after_chunks is not None and sent >= faults.stall_after_chunks:
-                    await asyncio.Event().wait()
-                finish = "length" if i == count - 1 else None
+        step = max(1, self.tokens_per_chunk)
+        for start in range(0, count, step):
+            ids = output[start : start + step]
+            text = "".join(_token_text(t) for t in ids)
+            finish = "length" if start + step >= count else None
+            for index in range(n):
+                choice: dict[str, Any]
                 if chat:
-                    delta: dict[str, Any] = {"content": _token(i)}
-                    if i == 0:
-                        delta["role"] = "assistant"
-                    choice: dict[str, Any] = {
-                        "index": index, "delta": delta, "logprobs": None, "finish_reason": finish
-                    }  # fmt: skip
+                    choice = {"index": index, "delta": {"content": text}, "logprobs": None}
+                    choice["finish_reason"] = finish
+                    if finish is not None:
+                        choice["stop_reason"] = None
                 else:
                     choice = {
-                        "index": index, "text": _token(i), "logprobs": None,
-                        "finish_reason": finish,
+                        "index": index, "text": text, "logprobs": None,
+                        "finish_reason": finish, "stop_reason": None,
+                        "prompt_token_ids": prompt_ids if want_ids and start == 0 else None,
                     }  # fmt: skip
-                await emit(b"data: " + _dumps({**base, "choices": [choice]}) + b"\n\n")
-                sent += 1
+                choice["token_ids"] = ids if want_ids else None
+                chunk = with_usage({**head, "choices": [choice]}, start + len(ids))
+                if not await event(chunk):
+                    return out
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage", True):
-            await emit(b"data: " + _dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
-        await emit(b"data: [DONE]\n\n")
+        if include_usage and not await event(
+            {**head, "choices": [], "usage": _usage(prompt_len, count * n)}
+        ):
+            return out
+        if not await event(None):
+            return out
         await out.write_eof()
         return out
 
@@ -305,8 +373,29 @@ def _dumps(payload: Any) -> bytes:
     return orjson.dumps(payload)
 
 
-def _token(i: int) -> str:
-    return f" tok{i}"
+def _generate(prefix: list[int], count: int) -> list[int]:
+    """``count`` output token ids after ``prefix``, each a function of the prefix before it."""
+    done = sum(1 for t in prefix if t >= GENERATED_BASE)
+    return [GENERATED_BASE + done + i for i in range(count)]
+
+
+def _token_text(token_id: int) -> str:
+    if token_id >= GENERATED_BASE:
+        return f" tok{token_id - GENERATED_BASE}"
+    return f" w{token_id}"
+
+
+def _word_id(word: str) -> int:
+    # Stable across processes (unlike hash()), so every fake worker tokenizes alike.
+    return 1000 + zlib.crc32(word.encode()) % (GENERATED_BASE - 1000)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
 
 
 def _choice(chat: bool, index: int, text: str, finish: str) -> dict[str, Any]:
@@ -320,16 +409,26 @@ def _choice(chat: bool, index: int, text: str, finish: str) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
 
-def _prompt_tokens(body: dict[str, Any], chat: bool) -> int:
+def _prompt_ids(body: dict[str, Any], chat: bool) -> list[int]:
+    """The prompt as token ids: one per word of a text prompt (of each message's content
+    for chat), a token-id prompt as it is (the first prompt of a batch)."""
     if chat:
         messages = body.get("messages") or []
-        return sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+        words = [
+            word
+            for m in messages
+            if isinstance(m, dict)
+            for word in str(m.get("content", "")).split()
+        ]
+        return [_word_id(word) for word in words]
     prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
+        prompt = prompt[0]
     if isinstance(prompt, str):
-        return len(prompt.split())
+        return [_word_id(word) for word in prompt.split()]
     if isinstance(prompt, list):
-        return len(prompt)
-    return 0
+        return [t for t in prompt if isinstance(t, int)]
+    return []
 
 
 def _error(status: int, message: str) -> web.Response:

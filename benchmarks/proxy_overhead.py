@@ -11,6 +11,11 @@ and reports p50/p99 latency of both, the difference ("added"), and the proxy's C
 time per request: utime + stime of the proxy process (all threads, plus any child
 processes) from ``/proc/<pid>/stat`` before and after, divided by the requests.
 
+Target ``proxy-nomig`` is a second pdserve proxy with ``retries.mid_stream: false``,
+measured in the same rounds: the CPU the mid-stream migration's bookkeeping costs a
+streamed request is the difference between ``proxy`` and it (``mid_stream_cpu`` in the
+JSON, the last table).
+
 Load client: ``wrk`` when installed (C, cheap, the method behind the peer figures in
 the project's performance notes; latency is end to end, stream or not), else the
 aiohttp client of :mod:`benchmarks.loadgen`, which also measures TTFT. Choose with
@@ -50,6 +55,7 @@ DEFAULT_OUT = Path("benchmarks/results/proxy_overhead.json")
 # Like the peer runs: a 12-word prompt, 16 output tokens (16 SSE content chunks).
 DEFAULT_PROMPT = "Explain in one short paragraph why the sky looks blue on a clear day."
 MODES = ("nonstream", "stream")
+TARGETS = ("proxy", "proxy-nomig", "baseline")
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -479,6 +485,7 @@ def proxy_argv(
 
 # Only what the flags cannot say: no admin listener (no fixed port to collide on).
 _PROXY_CONFIG = "proxy:\n  admin:\n    port: null\n"
+_NO_MIGRATION_CONFIG = _PROXY_CONFIG + "  retries:\n    mid_stream: false\n"
 
 
 def choose_client(requested: str) -> str:
@@ -542,6 +549,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 f"http://127.0.0.1:{proxy_port}",
             )
             proxies = {"proxy": proxy}
+            if "proxy-nomig" in args.targets:
+                nomig_port = free_port()
+                nomig_config = workdir / "proxy-nomig.yaml"
+                nomig_config.write_text(_NO_MIGRATION_CONFIG)
+                proxies["proxy-nomig"] = services.start(
+                    "proxy-nomig",
+                    proxy_argv(nomig_port, prefill.url, decode.url, nomig_config, args),
+                    f"http://127.0.0.1:{nomig_port}",
+                )
             if "baseline" in args.targets:
                 proxies["baseline"] = services.start(
                     "baseline-proxy",
@@ -558,7 +574,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 # A proxy is ready for traffic when a full PD request goes through.
                 wait_ready(service, path, args.startup_timeout, probe)
             targets = [("direct", decode)] + [
-                (name, proxies[name]) for name in ("proxy", "baseline") if name in proxies
+                (name, proxies[name]) for name in TARGETS if name in proxies
             ]
 
             # Rounds alternate the targets point by point, so slow drift in what else
@@ -567,7 +583,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             for mode, concurrency, round_index, (target, service) in points:
                 duration = args.duration if concurrency > 1 else args.duration_c1
                 print(
-                    f"  {target:<8} {mode:<9} c={concurrency:<3} {duration:g}s "
+                    f"  {target:<11} {mode:<9} c={concurrency:<3} {duration:g}s "
                     f"round {round_index + 1}/{args.repeat} ...",
                     file=sys.stderr,
                     flush=True,
@@ -632,6 +648,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         },
         "runs": [asdict(result) for result in results],
         "added": added_latency(results),
+        "mid_stream_cpu": mid_stream_cpu(results),
         # Present with --py-spy; the sampler shares the cores, so those runs' figures are
         # perturbed: profile and measure in separate runs.
         "profiles": profiles,
@@ -689,18 +706,42 @@ def added_latency(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def mid_stream_cpu(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Per mode and concurrency: the proxy's CPU per request with mid-stream migration on
+    (``proxy``) and off (``proxy-nomig``), medians over rounds, and how much more "on" costs."""
+    cpu: dict[tuple[str, str, int], list[float | None]] = {}
+    for result in results:
+        key = (result.target, result.mode, result.concurrency)
+        cpu.setdefault(key, []).append(result.proxy_cpu_us_per_request)
+    rows = []
+    for (target, mode, concurrency), values in cpu.items():
+        if target != "proxy" or ("proxy-nomig", mode, concurrency) not in cpu:
+            continue
+        on, off = _median(values), _median(cpu["proxy-nomig", mode, concurrency])
+        rows.append(
+            {
+                "mode": mode,
+                "concurrency": concurrency,
+                "on_us_per_request": on,
+                "off_us_per_request": off,
+                "increase_pct": None if not (on and off) else (on / off - 1) * 100,
+            }
+        )
+    return rows
+
+
 def format_table(report: dict[str, Any]) -> str:
     def num(value: float | None, digits: int = 3) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     header = (
-        f"{'target':<8} {'mode':<9} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'target':<11} {'mode':<9} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'ttft50':>8} {'ttft99':>8} {'proxy µs/req':>12} {'errors':>6}"
     )
     lines = [f"client: {report['config']['client']}", header, "-" * len(header)]
     for run in report["runs"]:
         lines.append(
-            f"{run['target']:<8} {run['mode']:<9} {run['concurrency']:>4} "
+            f"{run['target']:<11} {run['mode']:<9} {run['concurrency']:>4} "
             f"{run['requests_per_s']:>8.0f} {num(run['p50_ms']):>8} {num(run['p99_ms']):>8} "
             f"{num(run['ttft_p50_ms']):>8} {num(run['ttft_p99_ms']):>8} "
             f"{num(run['proxy_cpu_us_per_request'], 0):>12} {run['errors']:>6}"
@@ -718,6 +759,19 @@ def format_table(report: dict[str, Any]) -> str:
             f"{num(row['added_p99_ms']):>8} {num(row['added_ttft_p50_ms']):>8} "
             f"{num(row['added_ttft_p99_ms']):>8} {num(row['proxy_cpu_us_per_request'], 0):>12}"
         )
+    if report.get("mid_stream_cpu"):
+        mig_header = (
+            f"{'mid-stream migration':<20} {'mode':<9} {'conc':>4} {'on µs/req':>10} "
+            f"{'off µs/req':>10} {'increase':>8}"
+        )
+        lines += ["", mig_header, "-" * len(mig_header)]
+        for row in report["mid_stream_cpu"]:
+            increase = row["increase_pct"]
+            lines.append(
+                f"{'proxy on vs off':<20} {row['mode']:<9} {row['concurrency']:>4} "
+                f"{num(row['on_us_per_request'], 0):>10} {num(row['off_us_per_request'], 0):>10} "
+                f"{'-' if increase is None else f'{increase:+.1f} %':>8}"
+            )
     return "\n".join(lines)
 
 
@@ -744,9 +798,11 @@ def _modes(text: str) -> list[str]:
 
 def _targets(text: str) -> list[str]:
     targets = [part.strip() for part in text.split(",") if part.strip()]
-    bad = [t for t in targets if t not in ("proxy", "baseline")]
+    bad = [t for t in targets if t not in TARGETS]
     if not targets or bad or "proxy" not in targets:
-        raise argparse.ArgumentTypeError(f"targets are proxy[,baseline]; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"targets are proxy[,proxy-nomig][,baseline]; got {text!r}"
+        )
     return targets
 
 
@@ -773,8 +829,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--targets",
         type=_targets,
         default=["proxy", "baseline"],
-        help="proxies to measure besides direct: proxy (pdserve), baseline (a plain "
-        "aiohttp PD proxy, for a same-machine comparison); default proxy,baseline",
+        help="proxies to measure besides direct: proxy (pdserve), proxy-nomig (pdserve with "
+        "retries.mid_stream: false, for the migration's CPU cost in the same run), baseline "
+        "(a plain aiohttp PD proxy, for a same-machine comparison); default proxy,baseline",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds per point; the summary takes medians"

@@ -43,6 +43,8 @@ class ModelCatalog:
         self._on_models = on_models
         self._body: bytes | None = None
         self._ids: frozenset[str] | None = None
+        # max_model_len by model id, as the cards say (vLLM's cards carry it).
+        self._context_lengths: dict[str, int] = {}
         self._fetched_at = 0.0
         self._attempted_at = -RETRY_AFTER_S
         self._refreshing: asyncio.Task[None] | None = None
@@ -68,6 +70,14 @@ class ModelCatalog:
             await self.refresh()
             if self._ids is not None and model not in self._ids:
                 raise ProxyError(404, f"The model `{model}` does not exist.", "model")
+
+    def context_length(self, model: str | None) -> int | None:
+        """The model's context length from the last model list (a request naming no model
+        means the only one served); None when unknown. Never fetches."""
+        lengths = self._context_lengths
+        if model is None:
+            return next(iter(lengths.values())) if len(lengths) == 1 else None
+        return lengths.get(model)
 
     async def refresh(self) -> None:
         """Fetch the list now (concurrent callers share one fetch; failures back off)."""
@@ -97,9 +107,15 @@ class ModelCatalog:
             return False
         try:
             data = orjson.loads(body)
-            ids = frozenset(card["id"] for card in data["data"] if isinstance(card.get("id"), str))
+            cards = [card for card in data["data"] if isinstance(card.get("id"), str)]
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return False
+        ids = frozenset(card["id"] for card in cards)
+        self._context_lengths = {
+            card["id"]: card["max_model_len"]
+            for card in cards
+            if isinstance(card.get("max_model_len"), int)
+        }
         self._body, self._ids, self._fetched_at = body, ids, time.monotonic()
         if self._on_models is not None:
             self._on_models(ids)

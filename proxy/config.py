@@ -44,10 +44,10 @@ class TimeoutConfig(_Strict):
 
 
 class RetryConfig(_Strict):
-    """Moving a request to another decode instance when its decode leg fails before the
-    client has a byte (connect failure, reset, first-byte timeout, a 5xx answer). Each
-    move runs a fresh prefill leg: a prefill's KV handoff is only ever offered to one
-    decode instance."""
+    """Moving a request to another decode instance when its decode leg fails: before the
+    client has a byte (connect failure, reset, first-byte timeout, a 5xx answer), or
+    mid-stream (reset, stall) when ``mid_stream`` is on. Each move runs a fresh prefill
+    leg: a prefill's KV handoff is only ever offered to one decode instance."""
 
     # Decode attempts in all, the first included (1: never move a request). Each one can
     # cost a prefill leg, so the bound keeps a broken decode pool from multiplying load.
@@ -60,8 +60,16 @@ class RetryConfig(_Strict):
     # A request's whole budget from its arrival: no attempt (prefill or decode) starts
     # after it, and each attempt's prefill and first-byte deadlines are cut to what is
     # left. The default is timeouts.prefill_s + timeouts.first_byte_s, so a first attempt
-    # keeps the stage deadlines it had before moves existed.
+    # keeps the stage deadlines it had before moves existed. A stream that broke after
+    # new tokens reached the client gets the budget afresh from the break: it bounds
+    # waiting for an answer, not how long a long answer takes to generate.
     deadline_s: float = Field(default=600.0, gt=0)
+    # Continue a stream whose decode instance died or stalled after the client had bytes
+    # on another decode instance, from the tokens already sent (the client sees one
+    # stream). Decode legs of continuable streams then ask vLLM for token ids, which the
+    # proxy removes again before the client sees them; off, a break mid-stream ends the
+    # stream with an SSE error event and the relay does no per-chunk work at all.
+    mid_stream: bool = True
 
     @model_validator(mode="after")
     def _backoff_bounds(self) -> RetryConfig:

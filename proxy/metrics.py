@@ -167,9 +167,10 @@ class ProxyMetrics:
             "Requests moved to another decode instance after their decode leg failed, one per "
             "move (a request moved twice counts 2), counted when the request ends. stage: "
             "before_first_byte (the client had no byte yet; the move runs a fresh prefill "
-            "leg), mid_stream (reserved, not emitted yet). outcome: succeeded (the request "
-            "then ended with HTTP 200) or failed (it did not: the last attempt's error, a "
-            "stream cut later, or the client went away).",
+            "leg), mid_stream (the client's stream had started; the answer continues from "
+            "the tokens it has). outcome: succeeded (the request then ended with HTTP 200, "
+            "its stream complete) or failed (it did not: the last attempt's error, a "
+            "stream ended by an SSE error event, or the client went away).",
             ["stage", "outcome"],
             registry=r,
         )

@@ -10,6 +10,11 @@ without parsing: its own ``usage`` is the client's usage.
 A decode leg that fails before the client has a byte moves the request to another decode
 instance (``retries`` in the config), with a fresh prefill leg: the first prefill's
 ``kv_transfer_params`` are released at once and never offered to a second decode.
+
+A decode leg that dies or stalls once the client's stream has started is continued on
+another decode instance from the tokens the client has (``retries.mid_stream``): the
+stream's decode legs ask for token ids, and the continuation is a token-id request whose
+chunks are rewritten into the client's stream (``proxy.stream_resume``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +39,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.registry import InstanceRegistry
 from proxy.request import ClientRequest, Endpoint, dumps_body
 from proxy.routing.base import RoutingPolicy, RoutingRequest
+from proxy.stream_resume import ASK_TOKEN_IDS, Ending, ResumableStream, resume_blocker
 from proxy.upstream import (
     UpstreamConnectError,
     UpstreamConnectTimeout,
@@ -93,21 +100,26 @@ class _RequestState:
     request_id: str
     headers: bytes  # the upstream legs' headers
     started: float  # loop time of arrival
-    routing: RoutingRequest
+    routing: RoutingRequest  # of the current leg
     deadline: float  # loop time after which no attempt starts (retries.deadline_s)
+    path: RoutePath  # as the request is counted: the path of the leg the client got
+    # What the next decode leg asks for: the client's request or, after a break
+    # mid-stream, the continuation of its answer.
+    leg: ClientRequest
     # Decode instances (URLs) whose leg failed for this request: never tried again.
     failed_decodes: tuple[str, ...] = ()
-    retries: int = 0  # moves to another decode instance
+    retries: int = 0  # moves to another decode instance, at either stage
+    mid_stream_moves: int = 0  # those made after the client had bytes
     # The last failed decode attempt's error, answered when no further attempt is made.
     error: ProxyError | UpstreamReply | None = None
-
-
-@dataclass(slots=True)
-class _Stream:
-    """Per-request relay state the error handlers need after the deadline fires."""
-
+    # The client's streamed response once its headers went out; legs after a break
+    # write on into it.
     out: web.StreamResponse | None = None
-    last_chunk: bytes = b""
+    last_chunk: bytes = b""  # the last bytes written to the client
+    # What the client has of a stream that can continue elsewhere; None: a break ends it.
+    resume: ResumableStream | None = None
+    not_resumable: str | None = None  # why not, for the log line at a break
+    tokens_at_break: int = -1  # output tokens the client had at the last break
 
 
 class PDFlow:
@@ -124,7 +136,10 @@ class PDFlow:
         disagg_min_prompt_tokens: int,
         kv_releaser: KVReleaser | None = None,
         retries: RetryConfig | None = None,
+        context_length: Callable[[str | None], int | None] | None = None,
     ) -> None:
+        """``context_length(model)``: the model's context length if known, which a chat
+        stream without an output limit needs to continue after a break."""
         self._registry = registry
         self._pool = pool
         self._prefill = prefill
@@ -135,15 +150,17 @@ class PDFlow:
         self._retry = retries or RetryConfig()
         self._disagg_min = disagg_min_prompt_tokens
         self._kv_releaser = kv_releaser
+        self._context_length = context_length
         self._timeout_counters = {
             stage: metrics.timeouts.labels(stage)
             for stage in ("connect", "prefill", "first_byte", "stall")
         }
         self._prefill_retries = metrics.retries.labels("prefill")
         self._decode_retries = metrics.retries.labels("decode")
-        # By whether the moved request ended with HTTP 200.
+        # By stage and by whether the moved request ended with HTTP 200.
         self._migrations = {
-            ok: metrics.migrations.labels("before_first_byte", "succeeded" if ok else "failed")
+            (stage, ok): metrics.migrations.labels(stage, "succeeded" if ok else "failed")
+            for stage in ("before_first_byte", "mid_stream")
             for ok in (True, False)
         }
 
@@ -167,10 +184,20 @@ class PDFlow:
             started,
             RoutingRequest(request_id, req.prompt, req.prompt_tokens, req.max_tokens),
             started + self._retry.deadline_s,
+            path,
+            req,
         )
+        if req.stream:
+            self._prepare_resume(state)
         status = 500
         try:
-            response, status, path = await self._serve(state, path)
+            try:
+                response, status = await self._serve(state, path)
+            except (ProxyError, UpstreamReply) as failure:
+                if state.out is None:
+                    raise
+                # The client's stream had started: it ends with an SSE error event.
+                response, status = await self._end_stream_with_error(state, _stream_error(failure))
             return response
         except ProxyError as exc:
             status = exc.status
@@ -191,11 +218,30 @@ class PDFlow:
         finally:
             endpoint = req.endpoint.value
             model = self._metrics.model_label(req.model, served=status == 200)
+            path = state.path
             self._metrics.count_request(endpoint, model, status, path.value)
             elapsed = asyncio.get_running_loop().time() - started
             self._metrics.e2e.labels(endpoint, model, path.value).observe(elapsed)
             if state.retries:
-                self._migrations[status == 200].inc(state.retries)
+                ok = status == 200
+                before = state.retries - state.mid_stream_moves
+                if before:
+                    self._migrations["before_first_byte", ok].inc(before)
+                if state.mid_stream_moves:
+                    self._migrations["mid_stream", ok].inc(state.mid_stream_moves)
+
+    def _prepare_resume(self, state: _RequestState) -> None:
+        """Whether a break mid-stream may continue elsewhere; if so the stream's decode legs
+        ask for token ids and the relay keeps track of what the client has."""
+        retry = self._retry
+        if not retry.mid_stream:
+            state.not_resumable = "retries.mid_stream is off"
+        elif retry.decode_attempts < 2:
+            state.not_resumable = "retries.decode_attempts is 1"
+        else:
+            state.not_resumable = resume_blocker(state.req)
+            if state.not_resumable is None:
+                state.resume = ResumableStream(state.req)
 
     def _choose_path(self, req: ClientRequest) -> RoutePath:
         if not req.single_sequence or req.prompt_tokens < self._disagg_min:
@@ -206,20 +252,18 @@ class PDFlow:
             return RoutePath.FALLBACK
         return RoutePath.AGGREGATED
 
-    async def _serve(
-        self, state: _RequestState, path: RoutePath
-    ) -> tuple[web.StreamResponse, int, RoutePath]:
+    async def _serve(self, state: _RequestState, path: RoutePath) -> tuple[web.StreamResponse, int]:
         """Prefill leg (when disaggregated), then decode leg; both again, on another decode
-        instance, for as long as the decode leg fails before the client has a byte and
-        ``retries`` allows."""
-        req = state.req
-        load = req.prompt_tokens + req.max_tokens
+        instance, for as long as the decode leg fails and ``retries`` allows: before the
+        client has a byte the request starts over, after it the answer continues from the
+        tokens the client has."""
         while True:
+            leg = state.leg
+            load = leg.prompt_tokens + leg.max_tokens
             # Checked before the prefill leg: prefilling for a request no one can decode
             # would only strand KV blocks on the prefill instance.
             if not self._decode_candidates(state):
                 raise state.error or ProxyError(503, "no healthy decode instance")
-            body = req.raw
             prefilled_at: float | None = None
             kv_params: dict[str, Any] | None = None
             if path is RoutePath.DISAGGREGATED:
@@ -228,7 +272,13 @@ class PDFlow:
                     path = RoutePath.FALLBACK
                 else:
                     prefilled_at = asyncio.get_running_loop().time()
-                    body = with_kv_transfer_params(req, kv_params)
+            resume = state.resume
+            # A continuation asks for token ids itself; the client's request only when the
+            # relay needs them and the client did not ask.
+            ask_ids = resume is not None and resume.strips and leg is state.req
+            body = decode_body(leg, kv_params, ask_ids)
+            if state.out is None:
+                state.path = path
             status = 500
             try:
                 candidates = self._decode_candidates(state)
@@ -241,11 +291,27 @@ class PDFlow:
                     response, status = await self._decode_leg(
                         state, instance, body, path, prefilled_at
                     )
-                    return response, status, path
+                    return response, status
                 except (ProxyError, UpstreamReply) as failure:
-                    backoff = self._retry_after(state, instance, failure)
-                    if backoff is None:
-                        raise
+                    if state.out is None:
+                        backoff = self._retry_after(state, instance, failure)
+                        if backoff is None:
+                            raise
+                    else:
+                        step = self._continue_after(state, instance, failure)
+                        if isinstance(step, ProxyError):
+                            raise step from None
+                        if isinstance(step, Ending):
+                            return await self._end_stream(state, step.data), 200
+                        backoff = step
+                        # A continuation is routed like any request: disaggregated unless
+                        # its prompt is short or no prefill instance is routable. Its
+                        # prompt (the original one plus the tokens so far) is then
+                        # prefilled where the original prompt most likely still sits in
+                        # the prefix cache, and the new decode instance pulls the KV
+                        # instead of computing prompt and output again between the steps
+                        # of the requests it decodes.
+                        path = self._choose_path(state.leg)
                 finally:
                     instance.in_flight_requests -= 1
                     instance.in_flight_tokens -= load
@@ -271,13 +337,8 @@ class PDFlow:
         request moves to another decode instance, or None when it may not move."""
         state.failed_decodes += (instance.url,)
         state.error = failure
-        retry = self._retry
-        if state.retries + 1 >= retry.decode_attempts:
-            return None
-        backoff = min(retry.backoff_s * 2**state.retries, retry.backoff_max_s)
-        if asyncio.get_running_loop().time() + backoff >= state.deadline:
-            return None
-        if not self._decode_candidates(state):
+        backoff = self._move_backoff(state)
+        if backoff is None:
             return None
         state.retries += 1
         self._decode_retries.inc()
@@ -288,8 +349,90 @@ class PDFlow:
         log.warning(
             "request %s: decode instance %s failed before the client had a byte (%s); "
             "moving the request to another decode instance (move %d of at most %d)",
-            state.request_id, instance.url, reason, state.retries, retry.decode_attempts - 1,
+            state.request_id, instance.url, reason, state.retries,
+            self._retry.decode_attempts - 1,
         )  # fmt: skip
+        return backoff
+
+    def _continue_after(
+        self, state: _RequestState, instance: Instance, failure: ProxyError | UpstreamReply
+    ) -> float | Ending | ProxyError:
+        """Record a decode leg that failed after the client had bytes: the wait before the
+        answer continues on another decode instance, the ending the proxy writes itself
+        when the stream had all its tokens, or the error the stream ends with."""
+        url = instance.url
+        state.failed_decodes += (url,)
+        if isinstance(failure, UpstreamReply):
+            error = ProxyError(
+                502, f"decode instance {url} answered HTTP {failure.status} to the "
+                f"continuation of the stream: {failure.body[:200]!r}",
+            )  # fmt: skip
+        else:
+            error = failure
+        state.error = error
+        resume = state.resume
+        if resume is None:
+            return self._not_continued(state, url, error, state.not_resumable or "unknown")
+        if isinstance(failure, UpstreamReply) and failure.status not in _RETRYABLE_DECODE_STATUSES:
+            return self._not_continued(state, url, error, "the continuation was refused")
+        context_length = self._context_length(state.req.model) if self._context_length else None
+        step = resume.after_break(context_length)
+        if isinstance(step, str):
+            return self._not_continued(state, url, error, step)
+        if isinstance(step, Ending):
+            log.warning(
+                "request %s: decode instance %s failed after the stream's last token (%s); "
+                "the proxy ends the stream itself",
+                state.request_id, url, error.message,
+            )  # fmt: skip
+            return step
+        if step.generated > state.tokens_at_break:
+            # New tokens reached the client since the last break: the budget bounds waiting
+            # for an answer, not generating a long one, so it starts again here.
+            state.tokens_at_break = step.generated
+            state.deadline = asyncio.get_running_loop().time() + self._retry.deadline_s
+        backoff = self._move_backoff(state)
+        if backoff is None:
+            return self._not_continued(
+                state, url, error, "no decode attempt, time or untried decode instance left"
+            )
+        leg = step.request
+        state.leg = leg
+        state.routing = RoutingRequest(
+            state.request_id, leg.prompt, leg.prompt_tokens, leg.max_tokens
+        )
+        state.retries += 1
+        state.mid_stream_moves += 1
+        self._decode_retries.inc()
+        log.warning(
+            "request %s: decode instance %s failed mid-stream after %d output tokens (%s); "
+            "continuing the stream on another decode instance (move %d of at most %d)",
+            state.request_id, url, step.generated, error.message, state.retries,
+            self._retry.decode_attempts - 1,
+        )  # fmt: skip
+        return backoff
+
+    def _not_continued(
+        self, state: _RequestState, url: str, error: ProxyError, why: str
+    ) -> ProxyError:
+        log.warning(
+            "request %s: decode instance %s failed mid-stream (%s); the stream ends with an "
+            "error: it cannot continue elsewhere (%s)",
+            state.request_id, url, error.message, why,
+        )  # fmt: skip
+        return error
+
+    def _move_backoff(self, state: _RequestState) -> float | None:
+        """The wait before the request's next move to another decode instance, or None
+        when ``retries`` allows none (attempts, deadline) or no untried instance is left."""
+        retry = self._retry
+        if state.retries + 1 >= retry.decode_attempts:
+            return None
+        backoff = min(retry.backoff_s * 2**state.retries, retry.backoff_max_s)
+        if asyncio.get_running_loop().time() + backoff >= state.deadline:
+            return None
+        if not self._decode_candidates(state):
+            return None
         return backoff
 
     def _select(
@@ -324,7 +467,7 @@ class PDFlow:
 
         None when no prefill instance is routable at all.
         """
-        body = prefill_body(state.req)
+        body = prefill_body(state.leg)
         failed: Instance | None = None
         error: ProxyError | None = None
         for attempt in range(2):
@@ -364,7 +507,7 @@ class PDFlow:
         try:
             async with asyncio.timeout(budget):
                 upstream = await self._pool.request(
-                    url, b"POST", state.req.endpoint.path_bytes, body, state.headers
+                    url, b"POST", state.leg.endpoint.path_bytes, body, state.headers
                 )
                 try:
                     data = await upstream.read()
@@ -422,17 +565,17 @@ class PDFlow:
     ) -> tuple[web.StreamResponse, int]:
         """Relay the decode instance's answer to the client.
 
-        Raises ProxyError or UpstreamReply (a 5xx answer) only while the client has no byte
-        yet: another decode instance may then serve the request. Once a stream has started,
-        a failure ends it with an SSE error event instead.
+        Raises ProxyError, or UpstreamReply (a 5xx answer; any other than 200 to a
+        continuation), when the leg fails: before the client has a byte, the request may
+        then start over on another decode instance; after it, the answer may continue on
+        one (see ``_serve``).
         """
         loop = asyncio.get_running_loop()
         metrics = self._metrics
-        req = state.req
-        request_id = state.request_id
+        leg = state.leg
+        resume = state.resume
         routing = state.routing
         url = instance.url
-        stream = _Stream()
         sent = loop.time()
         budget = min(self._timeouts.first_byte_s, state.deadline - sent)
         if budget <= 0:
@@ -440,14 +583,19 @@ class PDFlow:
         if prefilled_at is not None:
             metrics.stage_handoff.observe(sent - prefilled_at)
         upstream: UpstreamResponse | None = None
+        streaming = False  # this leg's first chunk came: a silence from now on is a stall
         try:
             async with asyncio.timeout(budget) as deadline:
                 upstream = await self._pool.request(
-                    url, b"POST", req.endpoint.path_bytes, body, state.headers
+                    url, b"POST", leg.endpoint.path_bytes, body, state.headers
                 )
-                if not (req.stream and upstream.status == 200):
+                if not (leg.stream and upstream.status == 200):
                     data = await upstream.read()
                     metrics.stage_decode_first_token.observe(loop.time() - sent)
+                    if state.out is not None:
+                        # Refused a continuation: the client's stream is under way, so
+                        # the answer is never relayed as one of its own.
+                        raise UpstreamReply(upstream.status, data, upstream.content_type)
                     if upstream.status == 200:
                         self._decode.policy.observe(instance, routing, loop.time() - sent)
                         if prefilled_at is not None:
@@ -459,41 +607,48 @@ class PDFlow:
                         body=data,
                         headers={
                             "Content-Type": upstream.content_type,
-                            "X-Request-Id": request_id,
+                            "X-Request-Id": state.request_id,
                         },
                     )
                     return response, upstream.status
                 chunk = await upstream.next_chunk()
+                if resume is not None:
+                    chunk = await _first_events(upstream, resume, chunk)
                 if not chunk:
                     raise ProxyError(502, f"decode instance {url} ended the stream without data")
+                streaming = True
                 now = loop.time()
                 metrics.stage_decode_first_token.observe(now - sent)
-                out = web.StreamResponse(
-                    headers={
-                        "Content-Type": upstream.content_type,
-                        "Cache-Control": "no-cache",
-                        "X-Request-Id": request_id,
-                    }
-                )
-                stream.out = out
+                out = state.out
+                first_leg = out is None
+                if out is None:
+                    out = state.out = web.StreamResponse(
+                        headers={
+                            "Content-Type": upstream.content_type,
+                            "Cache-Control": "no-cache",
+                            "X-Request-Id": state.request_id,
+                        }
+                    )
                 tail = b""
                 try:
-                    await out.prepare(state.http)
+                    if first_leg:
+                        await out.prepare(state.http)
                     if upstream.at_end:
                         tail = chunk
                     else:
                         await out.write(chunk)
                 except ConnectionResetError:
                     raise ClientGone(out) from None
-                stream.last_chunk = chunk
+                state.last_chunk = chunk
                 if prefilled_at is not None:
                     # vLLM streams carry no kv_transfer_params; the decode's own
                     # pdserve_kv_recomputed_* counters cover these.
                     metrics.kv_handoff_outcomes["unreported"].inc()
-                endpoint = req.endpoint.value
-                model = metrics.model_label(req.model, served=True)  # the decode answered 200
-                ttft = loop.time() - state.started
-                metrics.ttft.labels(endpoint, model, path.value).observe(ttft)
+                endpoint = state.req.endpoint.value
+                model = metrics.model_label(state.req.model, served=True)  # the decode said 200
+                if first_leg:
+                    ttft = loop.time() - state.started
+                    metrics.ttft.labels(endpoint, model, state.path.value).observe(ttft)
                 itl = metrics.itl.labels(endpoint, model)
                 transport = state.http.transport
                 if transport is None:
@@ -519,7 +674,13 @@ class PDFlow:
                     if now - armed > slack:
                         deadline.reschedule(now + stall_s)
                         armed = now
-                    stream.last_chunk = chunk
+                    if resume is not None:
+                        # Whole events only, without the token ids the client did not ask
+                        # for; part of an event waits for the rest.
+                        chunk = resume.feed(chunk)
+                        if not chunk:
+                            continue
+                    state.last_chunk = chunk
                     if upstream.at_end:
                         tail = chunk  # goes out with the end-of-stream marker
                         break
@@ -536,6 +697,8 @@ class PDFlow:
                             await out.write(chunk)  # cannot wait: nothing is queued
                     except ConnectionResetError:
                         raise ClientGone(out) from None
+            if resume is not None:
+                tail += resume.flush()
             self._decode.policy.observe(instance, routing, loop.time() - sent)
             try:
                 await out.write_eof(tail)
@@ -553,27 +716,65 @@ class PDFlow:
             self._health.record_failure(instance, str(exc))
             raise ProxyError(502, f"cannot connect to decode instance {url}: {exc}") from None
         except UpstreamError as exc:
-            error = ProxyError(502, f"decode instance {url} failed: {_describe(exc)}")
-            if stream.out is None:
-                raise error from None
-            return await _end_stream_with_error(stream, error)
+            raise ProxyError(502, f"decode instance {url} failed: {_describe(exc)}") from None
         except TimeoutError:
-            if stream.out is None:
+            if not streaming:
                 self._timeout_counters["first_byte"].inc()
                 raise ProxyError(
                     504, f"decode instance {url} sent nothing within "
                     f"{self._within(budget, self._timeouts.first_byte_s)}",
                 ) from None  # fmt: skip
             self._timeout_counters["stall"].inc()
-            error = ProxyError(
+            raise ProxyError(
                 504, f"decode instance {url} stalled for more than {self._timeouts.stall_s:g}s"
-            )
-            return await _end_stream_with_error(stream, error)
+            ) from None
         finally:
             if upstream is not None:
                 # A no-op after a complete read; otherwise it drops the connection,
                 # which makes vLLM abort the request.
                 upstream.close()
+
+    async def _end_stream(self, state: _RequestState, data: bytes) -> web.StreamResponse:
+        """End the client's stream with ``data`` (the rest of a complete answer)."""
+        out = state.out
+        assert out is not None
+        try:
+            await out.write_eof(data)
+        except ConnectionResetError:
+            raise ClientGone(out) from None
+        return out
+
+    async def _end_stream_with_error(
+        self, state: _RequestState, error: ProxyError
+    ) -> tuple[web.StreamResponse, int]:
+        # Close a half-relayed event first, or the client would glue the error onto it.
+        separator = b"" if state.last_chunk.endswith(b"\n\n") else b"\n\n"
+        await self._end_stream(state, separator + error.sse_event())
+        assert state.out is not None
+        return state.out, error.status
+
+
+async def _first_events(upstream: UpstreamResponse, resume: ResumableStream, chunk: bytes) -> bytes:
+    """The first complete events of a stream the relay keeps track of: vLLM's first chunk
+    may reach the proxy in pieces, and the client must never be left half an event."""
+    resume.drop_partial()
+    events = resume.feed(chunk)
+    while not events and chunk and not upstream.at_end:
+        chunk = await upstream.next_chunk()
+        events = resume.feed(chunk)
+    if upstream.at_end:
+        events += resume.flush()
+    return events
+
+
+def _stream_error(failure: ProxyError | UpstreamReply) -> ProxyError:
+    """A failure after the client's stream started, as the SSE error event ending it."""
+    if isinstance(failure, ProxyError):
+        return failure
+    return ProxyError(
+        502, f"continuing the stream failed: an instance answered HTTP {failure.status}: "
+        f"{failure.body[:200]!r}",
+    )  # fmt: skip
 
 
 def prefill_body(req: ClientRequest) -> bytes:
@@ -591,12 +792,22 @@ def prefill_body(req: ClientRequest) -> bytes:
 _FIELD_PREFIX = b',"' + kvp.FIELD.encode() + b'":'
 
 
-def with_kv_transfer_params(req: ClientRequest, params: dict[str, Any]) -> bytes:
-    """The client's bytes with ``kv_transfer_params`` appended, without re-serialising.
+def decode_body(req: ClientRequest, kv_params: dict[str, Any] | None, ask_token_ids: bool) -> bytes:
+    """The request's bytes with ``kv_transfer_params`` (and ``return_token_ids``) appended,
+    without re-serialising.
 
-    ``parse_client_request`` removed any the client sent, so the key appears once."""
-    raw = req.raw.rstrip()
-    return raw[:-1] + _FIELD_PREFIX + orjson.dumps(params) + b"}"
+    ``parse_client_request`` removed any ``kv_transfer_params`` the client sent, so the key
+    appears once; a client's own ``return_token_ids`` (then false) is overridden by the later
+    key, as JSON parsers read duplicates."""
+    if kv_params is None and not ask_token_ids:
+        return req.raw
+    parts = [req.raw.rstrip()[:-1]]
+    if ask_token_ids:
+        parts.append(ASK_TOKEN_IDS)
+    if kv_params is not None:
+        parts += (_FIELD_PREFIX, orjson.dumps(kv_params))
+    parts.append(b"}")
+    return b"".join(parts)
 
 
 _OUTCOME_MARKERS = tuple(
@@ -625,21 +836,6 @@ def error_response(error: ProxyError, request_id: str | None = None) -> web.Resp
         # connections would send its next request down a closing one.
         response.force_close()
     return response
-
-
-async def _end_stream_with_error(
-    stream: _Stream, error: ProxyError
-) -> tuple[web.StreamResponse, int]:
-    out = stream.out
-    assert out is not None
-    # Close a half-relayed event first, or the client would glue the error onto it.
-    separator = b"" if stream.last_chunk.endswith(b"\n\n") else b"\n\n"
-    try:
-        await out.write(separator + error.sse_event())
-        await out.write_eof()
-    except ConnectionResetError:
-        raise ClientGone(out) from None
-    return out, error.status
 
 
 def _describe(exc: BaseException) -> str:

@@ -184,6 +184,7 @@ class ProxyServer:
             disagg_min_prompt_tokens=config.disagg_min_prompt_tokens,
             kv_releaser=self._kv_releaser,
             retries=config.retries,
+            context_length=self._catalog.context_length,
         )
         public = PublicAPI(
             flow=flow,

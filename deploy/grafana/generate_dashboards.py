@@ -381,7 +381,8 @@ def overview() -> Dashboard:
             "ops",
             description="Requests moved to another decode instance (with a fresh prefill "
             "leg) after their decode leg failed, one per move, by stage (before_first_byte: "
-            "the client had no byte yet) and outcome (succeeded: the request then ended with "
+            "the client had no byte yet; mid_stream: its stream had started and continued "
+            "from the tokens it had) and outcome (succeeded: the request then ended with "
             "HTTP 200; failed: it did not).",
         ),
     ]

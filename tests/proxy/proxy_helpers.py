@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 import urllib.error
@@ -44,6 +45,15 @@ def sse_events(body: bytes) -> list[bytes]:
             assert block.startswith(b"data: "), block
             events.append(block[len(b"data: ") :])
     return events
+
+
+_TOKEN_ID_LISTS = re.compile(rb'"(prompt_)?token_ids":\[[^\]]*\]')
+
+
+def without_token_ids(stream: bytes) -> bytes:
+    """A vLLM SSE body sent for ``return_token_ids: true`` as it would have been without:
+    both id fields ``null`` (vLLM always writes them in completions chunks)."""
+    return _TOKEN_ID_LISTS.sub(rb'"\1token_ids":null', stream)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

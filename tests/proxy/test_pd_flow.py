@@ -7,7 +7,7 @@ import orjson
 import pytest
 import uvloop
 from conftest import ProxyFactory
-from proxy_helpers import MODEL, metric_value, sse_events
+from proxy_helpers import MODEL, metric_value, sse_events, without_token_ids
 
 from benchmarks.fake_worker import FakeWorker
 from proxy.server import ProxyServer
@@ -70,9 +70,11 @@ async def test_both_legs_carry_the_protocol_fields(
         expected_prefill["max_completion_tokens"] = 1
     assert p_leg.body == expected_prefill
 
-    # Decode leg: the original request plus exactly what the prefill returned.
+    # Decode leg: the original request plus exactly what the prefill returned (and, for a
+    # stream that can continue elsewhere after a break, a request for token ids).
     [issued] = prefill.kv_issued
-    assert d_leg.body == {**body, "kv_transfer_params": issued}
+    asked = {"return_token_ids": True} if stream else {}
+    assert d_leg.body == {**body, **asked, "kv_transfer_params": issued}
     assert issued["remote_engine_id"] == f"fake-engine-{prefill.port}"
 
     # One request id on both legs and back to the client.
@@ -81,8 +83,10 @@ async def test_both_legs_carry_the_protocol_fields(
     assert p_leg.headers["Content-Type"] == d_leg.headers["Content-Type"] == "application/json"
 
     if stream:
-        # The decode stream reaches the client byte for byte, usage chunk and [DONE] included.
-        assert payload == decode.streams[0]
+        # The decode stream reaches the client byte for byte, usage chunk and [DONE]
+        # included, as vLLM writes it when nobody asks for token ids.
+        assert b'token_ids":[' in decode.streams[0]
+        assert payload == without_token_ids(decode.streams[0])
         events = sse_events(payload)
         assert events[-1] == b"[DONE]"
         usage_chunk = orjson.loads(events[-2])
@@ -196,7 +200,7 @@ async def test_no_healthy_prefill_falls_back_to_aggregated(
         events = sse_events(await response.read())
     assert events[-1] == b"[DONE]"
     assert prefill.generate_requests() == []
-    assert decode.generate_requests()[0].body == body
+    assert decode.generate_requests()[0].body == {**body, "return_token_ids": True}
     async with http.get(proxy.url + "/metrics") as response:
         metrics = await response.text()
     labels = {"endpoint": "chat_completions", "model": MODEL, "status": "200", "path": "fallback"}

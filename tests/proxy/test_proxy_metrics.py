@@ -41,10 +41,10 @@ async def test_metrics_follow_a_streamed_pd_request(
     # Counters with known label values are exported from the start, at zero.
     for stage in ("prefill", "decode"):
         assert f'pdserve_retries_total{{stage="{stage}"}} 0.0' in text
-    for outcome in ("succeeded", "failed"):
-        labels = f'outcome="{outcome}",stage="before_first_byte"'
-        assert f"pdserve_migrations_total{{{labels}}} 0.0" in text
-    assert 'stage="mid_stream"' not in text  # reserved for moves once a stream has started
+    for stage in ("before_first_byte", "mid_stream"):
+        for outcome in ("succeeded", "failed"):
+            labels = f'outcome="{outcome}",stage="{stage}"'
+            assert f"pdserve_migrations_total{{{labels}}} 0.0" in text
     for stage in ("connect", "prefill", "first_byte", "stall"):
         assert f'pdserve_timeouts_total{{stage="{stage}"}} 0.0' in text
     # No request ids as labels.
