@@ -269,7 +269,9 @@ def test_after_both_up_processes_are_killed_commands_answer_and_down_cleans_up()
         scale, took = up.pdserve("scale", "--decode", "2")
         assert scale.returncode == 2 and took < ANSWER_LIMIT_S, (scale, took)
         assert "pdserve down" in _one_line(scale, "scale")
-        assert all(alive(p) for p in worker_group)  # status and scale stop nothing
+        # Status and scale stop nothing. The API server is what they could have stopped; its
+        # children include start-up helpers of vLLM's that exit by themselves (CI saw one go).
+        assert alive(worker)
 
         down, took = up.pdserve("down")
         assert down.returncode == 0 and took < ANSWER_LIMIT_S, (down, took)
