@@ -36,6 +36,17 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 3.0) -> Non
         await asyncio.sleep(0.01)
 
 
+async def assert_no_load_left(server: ProxyServer) -> None:
+    """Every attempt gave back the in-flight counts it took."""
+    instances = server.registry.instances()
+    await wait_for(
+        lambda: all(
+            (i.in_flight_requests, i.in_flight_tokens, i.queued_prompt_tokens) == (0, 0, 0)
+            for i in instances
+        )
+    )
+
+
 def sse_events(body: bytes) -> list[bytes]:
     """The ``data:`` payloads of an SSE body, in order."""
     events = []

@@ -11,6 +11,7 @@ import pytest
 from conftest import ProxyFactory, WorkerFactory
 from proxy_helpers import (
     MODEL,
+    assert_no_load_left,
     kv_params_at,
     kv_releases,
     metric_value,
@@ -65,17 +66,6 @@ def answer_text(payload: bytes, stream: bool) -> str:
     events = sse_events(payload)
     assert events[-1] == b"[DONE]"
     return "".join(orjson.loads(e)["choices"][0]["text"] for e in events[:-1])
-
-
-async def assert_no_load_left(server: ProxyServer) -> None:
-    """Every attempt gave back the in-flight counts it took."""
-    instances = server.registry.instances()
-    await wait_for(
-        lambda: all(
-            (i.in_flight_requests, i.in_flight_tokens, i.queued_prompt_tokens) == (0, 0, 0)
-            for i in instances
-        )
-    )
 
 
 async def test_connect_refused_moves_to_another_decode_with_a_fresh_prefill(

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 from conftest import ProxyFactory, WorkerFactory
-from proxy_helpers import MODEL, metric_value, sse_events, wait_for
+from proxy_helpers import MODEL, assert_no_load_left, metric_value, sse_events, wait_for
 
 from benchmarks.fake_worker import GENERATED_BASE
 from deploy.worker_launch import free_port
@@ -75,16 +75,6 @@ def metric(server: ProxyServer, name: str, **labels: str) -> float:
 
 def mid_stream_moves(server: ProxyServer, outcome: str) -> float:
     return metric(server, "pdserve_migrations_total", stage="mid_stream", outcome=outcome)
-
-
-async def assert_no_load_left(server: ProxyServer) -> None:
-    instances = server.registry.instances()
-    await wait_for(
-        lambda: all(
-            (i.in_flight_requests, i.in_flight_tokens, i.queued_prompt_tokens) == (0, 0, 0)
-            for i in instances
-        )
-    )
 
 
 async def reference(
