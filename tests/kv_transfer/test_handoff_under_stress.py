@@ -88,12 +88,10 @@ def test_decode_queue_longer_than_the_lease_still_pulls_every_block(
         results = [
             pool.submit(decode_leg, decode, body, prefill_leg(prefill, body)) for body in bodies
         ]
-        last_lease_started = time.monotonic()
         # Every request waits in the decode's queue for at least two leases.
         time.sleep(2 * LEASE_S)
         assert not any(future.done() for future in results), "a request ran while frozen"
     got = [future.result() for future in results]
-    assert time.monotonic() - last_lease_started > 2 * LEASE_S
     assert got == expected
     per_block = block_bytes(tiny_model, BLOCK_SIZE)
     blocks = sum(-(-len(b["prompt"]) // BLOCK_SIZE) for b in bodies)
