@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "down": ("deploy.down_cli", "stop the cluster started by `pdserve up`"),
     "status": ("deploy.status_cli", "show the instances of a running cluster"),
     "scale": ("deploy.scale_cli", "change the prefill/decode pool sizes at run time"),
+    "restart": ("deploy.restart_cli", "restart one instance without losing requests"),
     "bench": ("benchmarks.cli", "run a benchmark (prints a table, writes JSON)"),
 }
 

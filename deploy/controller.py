@@ -6,11 +6,20 @@ actor (:mod:`deploy.proxy_actor`), and every ``reconcile_interval_s`` pushes the
 ready instances into the proxy through the proxy's admin API. The proxy therefore learns
 its upstreams from Ray, and after a proxy restart its registry is refilled within one
 pass. Instance and proxy actors are owned by the controller: they share its fate.
+
+Taking an instance out of service never drops requests on purpose: ``scale`` down and
+``restart`` first drain it in the proxy (nothing new is routed there) and wait, up to
+``controller.drain_timeout_s``, until its in-flight requests have finished and, for a
+prefill instance, until decode instances have pulled the KV blocks it holds. Whatever is
+still in flight when the worker stops is moved by the proxy to another instance (a decode
+leg that fails before its first byte is retried elsewhere, a broken stream continues on
+another decode instance, a failed prefill leg is retried on another prefill instance).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -29,6 +38,11 @@ ROLES = ("prefill", "decode")
 # A pool's placement group that cannot be placed within this time never will be.
 _PLACEMENT_TIMEOUT_S = 30.0
 _ACTOR_CALL_TIMEOUT_S = 10.0
+# Stopping a worker waits up to 20 s for a graceful exit (worker_launch.stop_worker), then
+# up to 15 s for its ports; the new process starts within seconds.
+_RESTART_CALL_TIMEOUT_S = 120.0
+_DRAIN_POLL_S = 0.2
+_METRICS_TIMEOUT_S = 3.0
 
 
 class ControllerError(RuntimeError):
@@ -40,11 +54,22 @@ class InstanceRecord:
     plan: InstancePlan
     actor: Any
     group: str  # key into Controller._groups
-    state: str = "launching"  # launching | running | draining | failed
+    # launching | running | draining (being retired) | restarting (planned restart) | failed
+    state: str = "launching"
     ever_ready: bool = False
     url: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """How the wait for a drained instance to empty ended."""
+
+    seconds: float
+    timed_out: bool
+    in_flight_requests: int  # the proxy's count when the wait ended
+    kv_blocks_held: int | None  # prefill only; None when not read (decode, no metric)
 
 
 @dataclass
@@ -256,18 +281,194 @@ class Controller:
         url = record.url
         if url:
             await self._admin("POST", "/admin/instances/drain", json={"url": url}, ok=(200, 404))
-            deadline = time.monotonic() + self._topology.controller.drain_timeout_s
-            while time.monotonic() < deadline:
-                entry = await self._proxy_entry(url)
-                if entry is None or int(entry.get("in_flight_requests", 0)) == 0:
-                    break
-                await asyncio.sleep(0.2)
-            else:
-                logger.warning("%s: drain timed out; stopping with requests in flight", url)
+            await self._wait_drained(record, "retiring it")
             await self._admin("DELETE", "/admin/instances", params={"url": url}, ok=(200, 404))
         await self._stop_actor(record)
         self._records.pop(record.plan.name, None)
         self._write_file_sd()
+
+    async def _wait_drained(self, record: InstanceRecord, purpose: str) -> DrainResult:
+        """Wait, up to ``drain_timeout_s``, until the drained instance has no request in
+        flight in the proxy and, for a prefill instance, holds no KV blocks.
+
+        A prefill instance's requests leave the proxy's count when its prefill leg answers,
+        but the decode instance still has to pull the prompt's blocks from it: stopping it
+        then makes that decode compute the prompt again. The blocks are freed as they are
+        pulled, or a lease after the decode side gave up, so this wait is short. A worker
+        that exports no such gauge (a stock vLLM server) or does not answer at all (it
+        died) has nothing to wait for; one too busy to answer in time is waited for. On
+        timeout the instance is stopped anyway: the proxy moves what is left."""
+        url = record.url
+        prefill = record.plan.role == "prefill"
+        started = time.monotonic()
+        deadline = started + self._topology.controller.drain_timeout_s
+        while True:
+            entry = await self._proxy_entry(url)
+            in_flight = 0 if entry is None else int(entry.get("in_flight_requests", 0))
+            blocks: int | None = None
+            unknown = False
+            if in_flight == 0 and prefill:
+                try:
+                    blocks = await self._kv_blocks_held(url)
+                except TimeoutError:
+                    unknown = True
+            if in_flight == 0 and not blocks and not unknown:
+                return DrainResult(time.monotonic() - started, False, 0, blocks)
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(_DRAIN_POLL_S)
+        held = ""
+        if prefill:
+            if blocks is None and not unknown:  # not read while requests were in flight
+                with contextlib.suppress(TimeoutError):
+                    blocks = await self._kv_blocks_held(url)
+            held = f", {'unknown' if blocks is None else blocks} KV block(s) held"
+        logger.warning(
+            "%s (%s %s): drain timed out after %.0f s before %s; stopping it with %d "
+            "request(s) in flight%s (the proxy moves what is left)",
+            record.plan.name,
+            record.plan.role,
+            url,
+            self._topology.controller.drain_timeout_s,
+            purpose,
+            in_flight,
+            held,
+        )
+        return DrainResult(time.monotonic() - started, True, in_flight, blocks)
+
+    async def _kv_blocks_held(self, url: str) -> int | None:
+        """``pdserve_kv_blocks_held`` on the worker's own /metrics: None when it does not
+        export it or does not answer (nothing listens, an error status); TimeoutError when
+        it is too slow to answer (a busy engine may still hold blocks)."""
+        import aiohttp
+
+        from deploy.worker_metrics import kv_blocks_in
+
+        try:
+            async with self._session().get(
+                f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=_METRICS_TIMEOUT_S)
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                text = await resp.text(errors="replace")
+        except TimeoutError:
+            raise
+        except (aiohttp.ClientError, OSError):
+            return None
+        return kv_blocks_in(text)
+
+    # -- planned restart ------------------------------------------------------------
+
+    async def restart(self, name: str) -> dict[str, Any]:
+        """Restart one instance's worker without losing requests.
+
+        Drain it in the proxy (nothing new is routed there), wait as a retired instance's
+        drain does (in-flight requests, and a prefill instance's held KV blocks, bounded by
+        ``drain_timeout_s``), stop the worker and start it again on the same ports through
+        its supervisor, wait until it answers ``/health``, put it back in rotation and wait,
+        briefly, until the proxy's health checks have re-admitted it, so that the next
+        restart of a rolling restart never finds the pool empty. Requests still in flight
+        when the drain times out are moved by the proxy when the worker stops: a decode leg
+        that fails before its first byte is retried on another decode instance, a stream
+        that breaks continues there, a failed prefill leg is retried on another prefill
+        instance (and a decode whose KV pull fails computes the prompt again).
+
+        While it runs the record's state is ``restarting``: the reconcile loop neither
+        removes it from the proxy, nor registers it again, nor undrains it. Runs under the
+        scale lock: one topology change at a time.
+        """
+        assert self._scale_lock is not None, "start_proxy() first"
+        async with self._scale_lock:
+            record = self._records.get(name)
+            if record is None:
+                known = ", ".join(sorted(self._records)) or "none"
+                raise ControllerError(f"no instance {name!r} (instances: {known})")
+            if record.state != "running" or not record.url:
+                raise ControllerError(
+                    f"{name} is {record.state}; only a running instance can be restarted"
+                )
+            url = record.url
+            started = time.monotonic()
+            record.state = "restarting"
+            try:
+                await self._admin(
+                    "POST", "/admin/instances/drain", json={"url": url}, ok=(200, 404)
+                )
+                drain = await self._wait_drained(record, "restarting it")
+            except Exception as exc:
+                # Nothing was stopped: it serves as before.
+                record.state = "running"
+                await self._undrain_quietly(url)
+                raise ControllerError(
+                    f"{name}: restart abandoned before its worker was stopped: {_one_line(exc)}"
+                ) from None
+            try:
+                await asyncio.wait_for(
+                    record.actor.restart_worker.remote(), _RESTART_CALL_TIMEOUT_S
+                )
+                timeout = self._topology.controller.ready_timeout_s
+                record.info = await asyncio.wait_for(
+                    record.actor.wait_ready.remote(timeout), timeout + 30
+                )
+            except Exception as exc:
+                # Its supervisor keeps starting the worker as after a crash: back in rotation,
+                # the proxy's health checks decide when it gets requests again.
+                record.state = "running"
+                record.error = _one_line(exc)
+                await self._undrain_quietly(url)
+                raise ControllerError(
+                    f"{name} did not come back after its restart: {record.error} (it stays "
+                    "registered and gets requests again once its health checks pass)"
+                ) from None
+            record.error = None
+            record.state = "running"
+            back = await self._undrain_quietly(url)
+            try:
+                await self._sync_proxy()  # registers it again if the proxy restarted meanwhile
+            except Exception as exc:  # the reconcile loop tries again within a second
+                logger.warning("%s: proxy sync after its restart failed: %s", name, _one_line(exc))
+            readmitted = await self._wait_readmitted(url)
+            return {
+                "name": name,
+                "url": url,
+                "seconds": time.monotonic() - started,
+                "drain_seconds": drain.seconds,
+                "drain_timed_out": drain.timed_out,
+                "in_flight_at_stop": drain.in_flight_requests,
+                "kv_blocks_at_stop": drain.kv_blocks_held,
+                "undrained": back,
+                "readmitted": readmitted,
+            }
+
+    async def _undrain_quietly(self, url: str) -> bool:
+        """Put ``url`` back in rotation; False (logged) if the proxy did not take it."""
+        try:
+            await self._admin("POST", "/admin/instances/undrain", json={"url": url}, ok=(200, 404))
+        except Exception as exc:
+            logger.warning("%s: cannot put it back in rotation: %s", url, _one_line(exc))
+            return False
+        return True
+
+    async def _wait_readmitted(self, url: str) -> bool:
+        """Wait until the proxy routes to ``url`` (healthy, not draining) again.
+
+        The proxy's checks ejected it while it was down; re-admission takes
+        ``successes_to_readmit`` checks. Bounded: if the proxy is slow to agree, the
+        instance is in rotation anyway and the checks decide."""
+        health = self._topology.proxy.health
+        limit = (health.successes_to_readmit + 2) * (health.interval_s + health.timeout_s)
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                entry = await self._proxy_entry(url)
+            except Exception as exc:
+                logger.warning("%s: cannot read the proxy's view of it: %s", url, _one_line(exc))
+                return False
+            if entry is not None and entry.get("healthy") and not entry.get("draining"):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_DRAIN_POLL_S)
 
     # -- launching ------------------------------------------------------------------
 
@@ -430,14 +631,19 @@ class Controller:
                 for r in self._records.values()
                 if r.ever_ready and r.state == "running"
             }
-            draining = {r.url for r in self._records.values() if r.state == "draining"}
+            # Retired or restarting instances stay as the drain left them: registered (their
+            # in-flight requests count there) and drained. A restarting one that the proxy
+            # lost (a proxy restart) is not registered again until it runs.
+            leaving = {
+                r.url for r in self._records.values() if r.state in ("draining", "restarting")
+            }
             for url, role in desired.items():
                 if url not in current:
                     await self._admin(
                         "POST", "/admin/instances", json={"url": url, "role": role}, ok=(201, 409)
                     )
             for url in current:
-                if url not in desired and url not in draining:
+                if url not in desired and url not in leaving:
                     await self._admin(
                         "DELETE", "/admin/instances", params={"url": url}, ok=(200, 404)
                     )
@@ -459,14 +665,10 @@ class Controller:
         params: dict[str, str] | None = None,
         ok: tuple[int, ...] = (200,),
     ) -> dict[str, Any]:
-        import aiohttp
-
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         admin = self._topology.proxy.admin
         headers = {"Authorization": f"Bearer {admin.token}"} if admin.token else {}
         url = f"http://{_connect_host(admin.host)}:{admin.port}{path}"
-        async with self._http.request(
+        async with self._session().request(
             method, url, json=json, params=params, headers=headers
         ) as resp:
             if resp.status not in ok:
@@ -476,6 +678,13 @@ class Controller:
                 data = await resp.json()
                 return data if isinstance(data, dict) else {}
             return {}
+
+    def _session(self) -> Any:
+        import aiohttp
+
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        return self._http
 
     def _write_file_sd(self) -> None:
         path = self._topology.prometheus.file_sd_path

@@ -6,6 +6,10 @@ instance URL never changes and the proxy re-admits it through its health checks.
 the actor itself dies, Ray restarts it (``max_restarts``); the new incarnation first
 kills whatever the previous one left behind (recorded in a pid file), then starts a
 fresh worker.
+
+A planned restart (:meth:`InstanceSupervisor.restart_worker`, used by ``pdserve restart``
+after the controller drained the instance) stops and starts the worker on the same ports
+without the crash path's backoff, and counts it apart from crashes.
 """
 
 from __future__ import annotations
@@ -87,10 +91,18 @@ class InstanceSupervisor:
     def __init__(self, plan: InstancePlan) -> None:
         self._plan = plan
         self._lock = threading.Lock()
+        # Held by whichever thread stops or starts the worker process (the watcher after a
+        # crash, restart_worker), so that the two never start a worker each. Taken before
+        # ``_lock``, never while holding it.
+        self._lifecycle = threading.Lock()
         self._proc: Popen[bytes] | None = None
         self._state = "starting"
         self._stopping = False
-        self._restarts = 0
+        self._restarts = 0  # after crashes
+        self._planned_restarts = 0  # restart_worker
+        # While restart_worker runs, the watcher neither reads the missing process as a
+        # crash nor starts one itself.
+        self._restarting_on_purpose = False
         self._last_exit: int | None = None
         self._started_at = 0.0
         self._ready = threading.Event()
@@ -138,6 +150,7 @@ class InstanceSupervisor:
                 "pid": proc.pid if proc is not None else None,
                 "state": self._state,
                 "restarts": self._restarts,
+                "planned_restarts": self._planned_restarts,
                 "last_exit": self._last_exit,
                 "error": self._error,
                 "cpu_core": self._plan.cpu_core,
@@ -145,6 +158,35 @@ class InstanceSupervisor:
                 "api_port": self._plan.api_port,
                 "kv_port": self._plan.kv_port,
             }
+
+    def restart_worker(self) -> dict[str, Any]:
+        """Planned restart: stop the worker's process group and start it again on the same
+        ports. Returns once the new process runs; ``wait_ready`` then waits for its
+        ``/health``. Not a crash: no backoff, ``restarts`` stays, ``planned_restarts``
+        counts it. The caller drains the instance first; whatever is still in flight on
+        it breaks here (the proxy moves it to another instance)."""
+        with self._lifecycle:
+            with self._lock:
+                if self._stopping:
+                    raise RuntimeError(f"{self._plan.name}: stopped; cannot restart it")
+                proc, self._proc = self._proc, None
+                self._state = "restarting"
+                self._ready.clear()
+                self._planned_restarts += 1
+                self._restarting_on_purpose = True
+            try:
+                if proc is not None:
+                    worker_launch.stop_worker(proc)
+                    kill_process_group(proc.pid)
+                    logger.info(
+                        "%s: planned restart: worker pid %d stopped", self._plan.name, proc.pid
+                    )
+                self._wait_ports_free()
+                self._start_worker()
+            finally:
+                with self._lock:
+                    self._restarting_on_purpose = False
+        return self.info()
 
     def stop(self) -> None:
         """Stop the worker for good (the actor is killed by the controller afterwards)."""
@@ -178,8 +220,11 @@ class InstanceSupervisor:
         except (FileNotFoundError, ValueError):
             return
         kill_process_group(pid)
-        # The ports are released once the group is gone.
-        deadline = time.monotonic() + 15.0
+        self._wait_ports_free()
+
+    def _wait_ports_free(self, timeout_s: float = 15.0) -> None:
+        # The ports are released once the old group is gone; a start before that fails.
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self._ports_free():
             time.sleep(0.2)
 
@@ -202,12 +247,20 @@ class InstanceSupervisor:
         self._pid_file.parent.mkdir(parents=True, exist_ok=True)
         self._pid_file.write_text(str(proc.pid))
         with self._lock:
-            self._proc = proc
-            self._error = None
-            self._started_at = time.monotonic()
-            self._ready.clear()
-            if not self._stopping:
+            stopping = self._stopping
+            if not stopping:
+                self._proc = proc
+                self._error = None
+                self._started_at = time.monotonic()
+                self._ready.clear()
                 self._state = "starting"
+        if stopping:
+            # stop() ran while this process started, before it was ours to see: end it here.
+            worker_launch.stop_worker(proc)
+            kill_process_group(proc.pid)
+            with contextlib.suppress(FileNotFoundError):
+                self._pid_file.unlink()
+            return False
         logger.info("%s: worker pid %d started on %s", self._plan.name, proc.pid, self.url())
         return True
 
@@ -218,6 +271,8 @@ class InstanceSupervisor:
             with self._lock:
                 if self._stopping:
                     return
+                if self._restarting_on_purpose:
+                    continue
                 proc = self._proc
                 state = self._state
             if proc is not None:
@@ -225,22 +280,25 @@ class InstanceSupervisor:
                 if code is None:
                     if state == "starting" and health_ok(self.url()):
                         with self._lock:
-                            if not self._stopping:
+                            # Not a process a planned restart replaced meanwhile.
+                            if not self._stopping and self._proc is proc:
                                 self._state = "ready"
-                        self._ready.set()
+                                self._ready.set()
                     continue
-                # The worker died: clear its group, then start it again on the same ports.
-                kill_process_group(proc.pid)
-                lived = time.monotonic() - self._started_at
-                if lived > _STABLE_AFTER_S:
-                    backoff = self._plan.restart_backoff_s
-                with self._lock:
+                with self._lifecycle, self._lock:
                     if self._stopping:
                         return
+                    if self._proc is not proc:
+                        continue  # restart_worker stopped it on purpose and started another
+                    # The worker died: clear its group, then start it again on the same ports.
                     self._proc = None
                     self._state = "restarting"
                     self._last_exit = code
                     self._restarts += 1
+                kill_process_group(proc.pid)
+                lived = time.monotonic() - self._started_at
+                if lived > _STABLE_AFTER_S:
+                    backoff = self._plan.restart_backoff_s
                 logger.warning(
                     "%s: worker exited with %s after %.0f s; restarting in %.1f s",
                     self._plan.name,
@@ -251,13 +309,14 @@ class InstanceSupervisor:
             # No process (it died, or could not start): wait out the backoff and retry.
             time.sleep(backoff)
             backoff = min(backoff * 2, self._plan.restart_backoff_max_s)
-            deadline = time.monotonic() + 15.0
-            while time.monotonic() < deadline and not self._ports_free():
-                time.sleep(0.2)
-            with self._lock:
-                if self._stopping:
-                    return
-            self._start_worker()
+            with self._lifecycle:
+                with self._lock:
+                    if self._stopping:
+                        return
+                    if self._proc is not None:
+                        continue  # a planned restart started one during the backoff
+                self._wait_ports_free()
+                self._start_worker()
 
 
 def build_worker_spec(plan: InstancePlan, node_ip: str, visible_devices: str | None) -> Any:

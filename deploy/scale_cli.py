@@ -2,7 +2,9 @@
 
 New instances are placed, started and registered with the proxy before any old one
 is retired; a retired instance is drained first (no new requests; the controller
-waits until its in-flight requests reach zero) and then stopped.
+waits until its in-flight requests reach zero and, for a prefill instance, until decode
+instances have pulled the KV blocks it holds, up to ``controller.drain_timeout_s``) and
+then stopped.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     except ray.exceptions.GetTimeoutError:
         raise CliError(f"scaling did not finish within {args.timeout:.0f} s") from None
     except ray.exceptions.RayError as exc:
-        raise CliError(_message(exc)) from None
+        raise CliError(ray_error_message(exc)) from None
     finally:
         ray.shutdown()
     added = ", ".join(result["added"]) or "none"
@@ -67,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _message(exc: BaseException) -> str:
+def ray_error_message(exc: BaseException) -> str:
+    """The last line of the controller's own error (a ControllerError is meant for users)
+    inside the RayError that carries it."""
     cause = getattr(exc, "cause", None)
     lines = str(cause if cause is not None else exc).strip().splitlines()
     return lines[-1] if lines else type(exc).__name__

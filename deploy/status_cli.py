@@ -3,6 +3,11 @@
 Role, address and supervision state come from the controller (over Ray); health and
 in-flight requests from the proxy's admin API; held KV blocks from each worker's
 ``/metrics`` (``pdserve_kv_blocks_held``, exported by prefill instances).
+
+STATE is the controller's (``running``, ``draining`` while `pdserve scale` retires it,
+``restarting`` during `pdserve restart`), then the supervisor's when it differs
+(``running/restarting`` after a crash); HEALTH adds ``,draining`` while the proxy routes
+nothing new there. RESTARTS counts crashes, with planned restarts in brackets.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from deploy.cluster_state import (
     require_running,
     state_dir,
 )
+from deploy.worker_metrics import kv_blocks_in
 
-KV_BLOCKS_METRIC = "pdserve_kv_blocks_held"
 COLUMNS = ("NAME", "ROLE", "ADDRESS", "STATE", "HEALTH", "IN-FLIGHT", "KV-BLOCKS", "RESTARTS")
 
 
@@ -72,7 +77,7 @@ def _row(instance: dict[str, Any], proxy: dict[str, Any] | None) -> dict[str, An
             health += ",draining"
         in_flight = proxy.get("in_flight_requests", 0)
     state = instance.get("controller_state", "")
-    if instance.get("state") and instance.get("state") != "ready":
+    if instance.get("state") not in (None, "", "ready", state):
         state = f"{state}/{instance['state']}"
     return {
         "name": instance.get("name", ""),
@@ -83,16 +88,26 @@ def _row(instance: dict[str, Any], proxy: dict[str, Any] | None) -> dict[str, An
         "in_flight": in_flight,
         "kv_blocks": kv_blocks_held(url) if url else None,
         "restarts": instance.get("restarts", 0),
+        "planned_restarts": instance.get("planned_restarts", 0),
     }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     keys = ("name", "role", "address", "state", "health", "in_flight", "kv_blocks", "restarts")
-    cells = [list(COLUMNS)] + [["-" if r[k] is None else str(r[k]) for k in keys] for r in rows]
+    cells = [list(COLUMNS)] + [[_cell(r, k) for k in keys] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     )
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    if row[key] is None:
+        return "-"
+    if key == "restarts" and row.get("planned_restarts"):
+        # Crashes and `pdserve restart`s apart: only the first are a reason to look.
+        return f"{row[key]} (+{row['planned_restarts']} planned)"
+    return str(row[key])
 
 
 def _proxy_instances(state: ClusterState) -> dict[str, dict[str, Any]]:
@@ -109,18 +124,9 @@ def _proxy_instances(state: ClusterState) -> dict[str, dict[str, Any]]:
 
 def kv_blocks_held(url: str) -> int | None:
     """Sum of ``pdserve_kv_blocks_held`` on the worker, None if it does not export it."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=3) as response:
             text = response.read().decode("utf-8", errors="replace")
     except (urllib.error.URLError, OSError):
         return None
-    total: float | None = None
-    try:
-        for family in text_string_to_metric_families(text):
-            if family.name == KV_BLOCKS_METRIC:
-                total = (total or 0.0) + sum(sample.value for sample in family.samples)
-    except ValueError:
-        return None
-    return None if total is None else int(total)
+    return kv_blocks_in(text)

@@ -1,4 +1,5 @@
-"""The admin API: list, add, remove and drain upstream instances (JSON, optional bearer token).
+"""The admin API: list, add, remove, drain and undrain upstream instances (JSON, optional
+bearer token).
 
 It runs on its own listener (``admin.port``); it is mounted on the public listener
 only when ``admin.port`` is null *and* a token is set, so it is never open to API
@@ -44,6 +45,7 @@ class AdminAPI:
         app.router.add_post("/admin/instances", self._guard(self.add_instance))
         app.router.add_delete("/admin/instances", self._guard(self.remove_instance))
         app.router.add_post("/admin/instances/drain", self._guard(self.drain_instance))
+        app.router.add_post("/admin/instances/undrain", self._guard(self.undrain_instance))
 
     async def list_instances(self, request: web.Request) -> web.Response:
         views = [instance_view(i) for i in self._registry.instances()]
@@ -79,6 +81,14 @@ class AdminAPI:
         url = _string_field(await _json_body(request), "url")
         try:
             instance = self._registry.drain(url)
+        except UnknownInstanceError as exc:
+            raise ProxyError(404, str(exc), "url") from None
+        return _json(instance_view(instance))
+
+    async def undrain_instance(self, request: web.Request) -> web.Response:
+        url = _string_field(await _json_body(request), "url")
+        try:
+            instance = self._registry.undrain(url)
         except UnknownInstanceError as exc:
             raise ProxyError(404, str(exc), "url") from None
         return _json(instance_view(instance))

@@ -64,6 +64,16 @@ class InstanceRegistry:
         self._refresh(instance.role)
         return instance
 
+    def undrain(self, url: str) -> Instance:
+        """Route new requests to a drained instance again (after a planned restart).
+
+        Health is left as it is: an instance the checks ejected while it was down comes
+        back once it passes them."""
+        instance = self.require(url)
+        instance.draining = False
+        self._refresh(instance.role)
+        return instance
+
     def set_healthy(self, instance: Instance, healthy: bool) -> None:
         if instance.healthy != healthy:
             instance.healthy = healthy

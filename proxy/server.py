@@ -3,7 +3,7 @@ together behind an explicit async start()/stop().
 
 Embedders (the Ray deployment) construct one, ``await start()``, then feed it
 instances through :attr:`registry` (or ``add_instance`` / ``remove_instance`` /
-``drain_instance``); the admin API drives the same registry.
+``drain_instance`` / ``undrain_instance``); the admin API drives the same registry.
 """
 
 from __future__ import annotations
@@ -163,6 +163,9 @@ class ProxyServer:
 
     def drain_instance(self, url: str) -> Instance:
         return self.registry.drain(url)
+
+    def undrain_instance(self, url: str) -> Instance:
+        return self.registry.undrain(url)
 
     def _forget(self, instance: Instance) -> None:
         routed = self._prefill if instance.role is Role.PREFILL else self._decode

@@ -1,7 +1,9 @@
-"""Bad input to `pdserve up/down/status/scale` fails at once: one line, exit 2, nothing started."""
+"""Bad input to `pdserve up/down/status/scale/restart` fails at once: one line, exit 2,
+nothing started."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -109,7 +111,9 @@ def test_detach_needs_address(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "--detach needs --address" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["down"], ["status"], ["scale", "--prefill", "2"]])
+@pytest.mark.parametrize(
+    "command", [["down"], ["status"], ["scale", "--prefill", "2"], ["restart", "decode-0"]]
+)
 def test_no_running_cluster(
     tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -123,6 +127,81 @@ def test_scale_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "--prefill N and/or --decode M" in capsys.readouterr().err
     assert main(["scale", "--decode", "-1", "--state-dir", str(tmp_path)]) == 2
     assert "--decode: must be >= 0" in capsys.readouterr().err
+
+
+def test_restart_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("decode", "router-0", "decode-x", "decode-0 "):
+        assert main(["restart", name, "--state-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"pdserve restart: NAME must be an instance name like prefill-0 or decode-1, "
+            f"got {name!r}"
+        )
+    assert main(["restart", "decode-0", "--timeout", "0", "--state-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "pdserve restart: --timeout: must be > 0, got 0"
+
+
+@pytest.mark.parametrize(
+    ("failure", "line"),
+    [
+        ("unknown", "pdserve restart: no instance 'decode-7' (instances: decode-0, prefill-0)"),
+        ("timeout", "pdserve restart: decode-7 was not back within 5 s; the controller carries"),
+    ],
+)
+def test_restart_failures_are_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    failure: str,
+    line: str,
+) -> None:
+    """What the controller says reaches the user as one line, without Ray's traceback."""
+    import ray
+
+    from deploy import restart_cli
+    from deploy.cluster_state import ClusterState, write_state
+    from deploy.controller import ControllerError
+
+    write_state(
+        tmp_path,
+        ClusterState(
+            ray_address="127.0.0.1:1",
+            namespace="pdserve-test",
+            auth_mode="disabled",
+            started_ray=True,
+            up_pid=os.getpid(),  # alive: the cluster counts as running
+            foreground=True,
+            api_url="http://127.0.0.1:1/v1",
+            metrics_url="http://127.0.0.1:1/metrics",
+            admin_url="http://127.0.0.1:1",
+            admin_token=None,
+            run_dir=str(tmp_path),
+        ),
+    )
+    asked: list[str] = []
+
+    class Restart:
+        def remote(self, name: str) -> str:
+            asked.append(name)
+            return "ref"
+
+    class FakeController:
+        restart = Restart()
+
+    def get(ref: str, timeout: float) -> object:
+        assert ref == "ref" and timeout == 5.0
+        if failure == "timeout":
+            raise ray.exceptions.GetTimeoutError("timed out")
+        cause = ControllerError("no instance 'decode-7' (instances: decode-0, prefill-0)")
+        raise ray.exceptions.RayTaskError("restart", "Traceback (most recent call last):", cause)
+
+    monkeypatch.setattr(restart_cli, "connect", lambda state, command: None)
+    monkeypatch.setattr(restart_cli, "get_controller", lambda state: FakeController())
+    monkeypatch.setattr(ray, "get", get)
+    code = main(["restart", "decode-7", "--timeout", "5", "--state-dir", str(tmp_path)])
+    assert code == 2 and asked == ["decode-7"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(line), err
 
 
 def test_console_script_prints_one_line(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""`pdserve down/status/scale` against a cluster that is gone or hung: one line, within
+"""`pdserve down/status/scale/restart` against a cluster that is gone or hung: one line, within
 seconds, and `down` removes what is left. No Ray here: the state file is what a crashed
 `up` leaves, and its leftovers are stand-in processes (the real crash, with Ray and a vLLM
 worker, is in test_up_signals.py)."""
@@ -94,13 +94,13 @@ def test_after_up_died_status_and_scale_answer_and_down_removes_what_it_left(
     (tmp_path / "pids").mkdir()
     (tmp_path / "pids" / "decode-0.pid").write_text(str(worker.pid))
 
-    for command in (["status"], ["scale", "--decode", "2"]):
+    for command in (["status"], ["scale", "--decode", "2"], ["restart", "decode-0"]):
         code, lines, took = _pdserve(tmp_path, *command)
         assert code == 2 and took < ANSWER_LIMIT_S, (lines, took)
         assert len(lines) == 1 and lines[0].startswith(f"pdserve {command[0]}: "), lines
         assert f"`pdserve up` (pid {session}) has exited" in lines[0]
         assert "run `pdserve down`" in lines[0]
-    assert alive(in_session) and worker.poll() is None  # status and scale stop nothing
+    assert alive(in_session) and worker.poll() is None  # status, scale, restart stop nothing
     assert (tmp_path / "cluster.json").exists()
 
     code, lines, took = _pdserve(tmp_path, "down")
@@ -122,7 +122,9 @@ def test_after_up_died_status_and_scale_answer_and_down_removes_what_it_left(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("command", [["status"], ["scale", "--prefill", "1"], ["down"]])
+@pytest.mark.parametrize(
+    "command", [["status"], ["scale", "--prefill", "1"], ["restart", "decode-0"], ["down"]]
+)
 def test_unreachable_ray_is_one_line_at_once(tmp_path: Path, command: list[str]) -> None:
     """A deployment on a Ray cluster whose GCS is gone (Ray itself retries for minutes)."""
     address = f"127.0.0.1:{free_port()}"

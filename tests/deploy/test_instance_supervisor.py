@@ -130,3 +130,59 @@ def test_new_incarnation_kills_what_the_previous_left(
         assert info["pid"] != orphan.pid
     finally:
         supervisor.stop()
+
+
+def test_planned_restart_is_not_a_crash(tmp_path: Path, fake_worker: list[Any]) -> None:
+    """restart_worker (`pdserve restart`): a new process on the same port, at once (no
+    backoff), counted apart from crashes; the watcher starts no second one."""
+    plan = _plan(tmp_path)
+    plan.restart_backoff_s = 30.0  # a restart that went the crash way would take this long
+    supervisor = InstanceSupervisor(plan)
+    try:
+        first = supervisor.wait_ready(timeout_s=30)
+        started = time.monotonic()
+        info = supervisor.restart_worker()
+        assert info["pid"] != first["pid"] and info["state"] in ("starting", "ready")
+        info = supervisor.wait_ready(timeout_s=30)
+        assert time.monotonic() - started < 15.0
+        assert not _alive(first["pid"])
+        assert info["url"] == first["url"] and health_ok(info["url"])
+        assert (info["restarts"], info["planned_restarts"]) == (0, 1)
+        assert info["last_exit"] is None  # no crash was seen
+        assert int((tmp_path / "pids" / "prefill-0.pid").read_text()) == info["pid"]
+        time.sleep(1.5)  # the watcher did not take the stopped process for a crash
+        assert len(fake_worker) == 2
+        assert supervisor.info()["pid"] == info["pid"]
+    finally:
+        supervisor.stop()
+    assert not _alive(info["pid"])
+
+
+def test_crash_after_a_planned_restart_is_still_restarted(
+    tmp_path: Path, fake_worker: list[Any]
+) -> None:
+    supervisor = InstanceSupervisor(_plan(tmp_path))
+    try:
+        supervisor.wait_ready(timeout_s=30)
+        supervisor.restart_worker()
+        info = supervisor.wait_ready(timeout_s=30)
+        os.kill(info["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            after = supervisor.info()
+            if after["restarts"] == 1 and after["state"] == "ready":
+                break
+            time.sleep(0.1)
+        assert (after["restarts"], after["planned_restarts"]) == (1, 1), after
+        assert after["last_exit"] == -signal.SIGKILL and after["pid"] != info["pid"]
+        assert len(fake_worker) == 3
+    finally:
+        supervisor.stop()
+
+
+def test_restart_after_stop_is_refused(tmp_path: Path, fake_worker: list[Any]) -> None:
+    supervisor = InstanceSupervisor(_plan(tmp_path))
+    supervisor.stop()
+    with pytest.raises(RuntimeError, match="prefill-0: stopped"):
+        supervisor.restart_worker()
+    assert len(fake_worker) == 1

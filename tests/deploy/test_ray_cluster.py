@@ -1,7 +1,8 @@
 """`pdserve up` end to end on a real local Ray cluster with real vLLM CPU workers.
 
 One cluster serves the whole module (engine starts cost tens of seconds each): the tests
-run in file order: serve, survive a worker crash, scale under load, then `pdserve down`.
+run in file order: serve, survive a worker crash, scale under load, restart an instance
+under a stream, then `pdserve down`.
 At most three engines are alive at once (2P1D). Ports are in the 18xxx-19xxx range and
 Ray gets its own temp dir and namespace, so other sessions on the machine are unaffected.
 """
@@ -411,6 +412,99 @@ def test_scale_beyond_resources_fails_cleanly(cluster: Cluster) -> None:
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "max_replicas" in result.stderr
+
+
+@pytest.mark.timeout(1500)
+def test_restart_of_a_decode_under_a_stream_loses_nothing(cluster: Cluster) -> None:
+    """`pdserve restart decode-0` while a long stream is on it (issue 11 item 4): the drain
+    waits for the stream, which the client gets whole; then the worker restarts on the same
+    port, without counting as a crash, and serves again."""
+    decode_url = f"http://127.0.0.1:{cluster.ports['decode']}"
+    old_pid = cluster.worker_pid("decode-0")
+    before = {row["name"]: row for row in cluster.status()}["decode-0"]
+    client = cluster.client(timeout=600)
+    # Long enough to outlast the restart command's start and the drain's first look, on
+    # any CPU: every token is generated (ignore_eos) and counted in the usage chunk.
+    max_tokens = 3000
+    received: dict[str, Any] = {}
+    first_chunk = threading.Event()
+
+    def consume() -> None:
+        try:
+            texts: list[str] = []
+            for chunk in client.completions.create(
+                model=MODEL,
+                prompt="A story that goes on through a restart:",
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True, "stream_options": {"include_usage": True}},
+            ):
+                first_chunk.set()
+                if chunk.choices:
+                    texts.append(chunk.choices[0].text)
+                    received["finish"] = chunk.choices[0].finish_reason or received.get("finish")
+                if chunk.usage is not None:
+                    received["completion_tokens"] = chunk.usage.completion_tokens
+            received["text"] = "".join(texts)
+        except Exception as exc:
+            received["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            first_chunk.set()
+
+    views: list[tuple[bool, int]] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        """The proxy's view of decode-0 while the restart runs."""
+        while not watching.is_set():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                entry = cluster.admin_instances().get(decode_url)
+                if entry is not None:
+                    views.append((entry["draining"], entry["in_flight_requests"]))
+            watching.wait(0.2)
+
+    streaming = threading.Thread(target=consume, daemon=True)
+    streaming.start()
+    assert first_chunk.wait(300) and "error" not in received, received
+    assert cluster.admin_instances()[decode_url]["in_flight_requests"] == 1
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    result = cluster.pdserve("restart", "decode-0", timeout_s=1400)
+    took = time.monotonic() - started
+    watching.set()
+    watcher.join(timeout=10)
+    streaming.join(timeout=600)
+    cluster.remember_processes()
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    assert lines[0].startswith(f"pdserve restart: decode-0 restarted on {decode_url} in ")
+    assert "back in rotation" in lines[0] and "drain timed out" not in lines[0], lines[0]
+    print(f"\n{lines[0]} (command {took:.1f} s)")
+
+    # The client's stream was complete: every token, its finish reason, no error.
+    assert "error" not in received, received
+    assert received["finish"] == "length" and received["completion_tokens"] == max_tokens
+    assert received["text"]
+    # The drain waited while the stream was on it, and nothing else was.
+    assert (True, 1) in views, views[:20]
+    assert all(in_flight <= 1 for _, in_flight in views), views
+
+    assert cluster.worker_pid("decode-0") != old_pid
+    deadline = time.monotonic() + 60  # the proxy's checks re-admit it within a few seconds
+    while True:
+        row = {r["name"]: r for r in cluster.status()}["decode-0"]
+        if row["health"] == "healthy" or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert row["state"] == "running" and row["health"] == "healthy", row
+    assert row["restarts"] == before["restarts"]  # not a crash
+    assert row["planned_restarts"] == before.get("planned_restarts", 0) + 1
+    served = cluster.metric_sum("pdserve_requests_total", path="disaggregated")
+    assert _complete(cluster.client(timeout=120))
+    assert cluster.metric_sum("pdserve_requests_total", path="disaggregated") == served + 1
 
 
 @pytest.mark.timeout(600)

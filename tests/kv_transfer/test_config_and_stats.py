@@ -153,6 +153,14 @@ def test_prometheus_metrics_observe_with_contract_names() -> None:
     assert _sample(BLOCKS_HELD) == 5
 
 
+def test_the_controller_and_status_read_the_gauge_the_worker_exports() -> None:
+    from deploy.worker_metrics import KV_BLOCKS_METRIC, kv_blocks_in
+
+    assert KV_BLOCKS_METRIC == BLOCKS_HELD
+    text = f'# TYPE {BLOCKS_HELD} gauge\n{BLOCKS_HELD}{{engine="0"}} 3.0\n'
+    assert kv_blocks_in(text) == 3
+
+
 def test_prometheus_recompute_series_exist_from_the_start() -> None:
     vllm_config = SimpleNamespace(kv_transfer_config=None)
     types: dict[Any, Any] = {Counter: Counter, Gauge: Gauge, Histogram: Histogram}

@@ -1,4 +1,4 @@
-"""The admin API: its own listener, bearer token, list/add/remove/drain."""
+"""The admin API: its own listener, bearer token, list/add/remove/drain/undrain."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from conftest import ProxyFactory, WorkerFactory
 from proxy_helpers import MODEL, wait_for
 
 from benchmarks.fake_worker import FakeWorker
+from proxy.instances import Role
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -25,6 +26,33 @@ async def test_admin_requires_the_token(
             assert (await response.json())["error"]["code"] == 401
     async with http.get(server.admin_url + "/admin/instances", headers=AUTH) as response:
         assert response.status == 200
+
+
+async def test_drain_and_undrain_require_the_token(
+    make_proxy: ProxyFactory, decode: FakeWorker, http: aiohttp.ClientSession
+) -> None:
+    server = await make_proxy([], [decode], admin={"port": 0, "token": TOKEN})
+    assert server.admin_url is not None
+    for action in ("drain", "undrain"):
+        url = f"{server.admin_url}/admin/instances/{action}"
+        async with http.post(url, json={"url": decode.url}) as response:
+            assert response.status == 401
+        assert server.registry.require(decode.url).draining is False  # untouched
+    async with http.post(
+        server.admin_url + "/admin/instances/drain", json={"url": decode.url}, headers=AUTH
+    ) as response:
+        assert response.status == 200
+    async with http.post(
+        server.admin_url + "/admin/instances/undrain", json={"url": decode.url}
+    ) as response:
+        assert response.status == 401
+    assert server.registry.require(decode.url).draining is True
+    async with http.post(
+        server.admin_url + "/admin/instances/undrain", json={"url": decode.url}, headers=AUTH
+    ) as response:
+        assert response.status == 200
+        assert (await response.json())["draining"] is False
+    assert server.registry.routable(Role.DECODE) == [server.registry.require(decode.url)]
 
 
 async def test_admin_is_not_on_the_public_listener(
@@ -123,6 +151,10 @@ async def test_list_add_drain_remove(
         ("POST", "/admin/instances", {"role": "decode"}, 400),
         ("POST", "/admin/instances", ["not", "an", "object"], 400),
         ("POST", "/admin/instances/drain", {"url": "http://127.0.0.1:1"}, 404),
+        ("POST", "/admin/instances/undrain", {"url": "http://127.0.0.1:1"}, 404),
+        ("POST", "/admin/instances/undrain", {}, 400),
+        ("POST", "/admin/instances/undrain", {"url": 7}, 400),
+        ("POST", "/admin/instances/undrain", ["not", "an", "object"], 400),
         ("DELETE", "/admin/instances", None, 400),
     ],
 )
