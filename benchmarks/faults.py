@@ -11,11 +11,16 @@ streamed and non-streamed, chat and completions. Then, one phase per fault:
 * ``kv-port-refused``: TCP to one prefill's KV port is answered with a reset for
   ``--refuse-s`` seconds (an iptables rule on loopback: needs root and iptables).
 
+Before the first fault, every prompt of the load is answered once by the fault-free cluster;
+every answer a client gets during a phase must equal it (greedy decoding, float32 model).
+
 Per phase: requests sent, succeeded, failed before the first byte (a clean HTTP error),
 failed mid-stream (an SSE error event or a cut stream), hung (no byte for longer than the
-proxy's deadlines plus a margin: must be 0), KV blocks held on each prefill instance
-5 s after the load stopped (must be 0), the proxy's KV hand-off outcomes, and how long the
-faulted instance was out of the proxy's rotation. Prints a table, writes JSON and a PNG.
+proxy's deadlines plus a margin: must be 0), succeeded answers that differ from the
+fault-free one (must be 0), requests the proxy moved to another decode instance (before the
+first byte or mid-stream), KV blocks held on each prefill instance 5 s after the load
+stopped (must be 0), the proxy's KV hand-off outcomes, and how long the faulted instance
+was out of the proxy's rotation. Prints a table, writes JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -53,13 +58,19 @@ from kv_transfer.config import DEFAULT_LEASE_S
 FAULTS = ("kill-decode", "kill-prefill", "stop-decode", "client-disconnects", "kv-port-refused")
 QUICK_FAULTS = ("client-disconnects", "stop-decode", "kv-port-refused")
 MODEL_NAME = "tiny-llama"
-# The bench cluster's proxy deadlines (prefill leg, decode's first byte, gap between
-# chunks). A client waits at most prefill + first byte for its first byte (the request's
-# deadline, moves to another decode instance included), and stall_s between two; a
-# silence HANG_MARGIN_S past those is a hang: something the proxy failed to bound.
-LEG_TIMEOUT_S = 30.0
+# The bench cluster's proxy deadlines. The prefill leg and the decode's first byte get
+# LEG_TIMEOUT_S: while an engine restarts, its peers share two cores with it and answer
+# slowly, and a request that waits is not lost. A stream silent for STALL_S moves to the
+# other decode instance: shorter than the SIGSTOP fault, so a stopped decode's streams move.
+# A client waits at most prefill + first byte for its first byte (the request's deadline,
+# moves included) and stall_s between two; a silence HANG_MARGIN_S past those is a hang:
+# something the proxy failed to bound.
+LEG_TIMEOUT_S = 120.0
+STALL_S = 10.0
 HANG_MARGIN_S = 10.0
 HANG_LIMIT_S = 2 * LEG_TIMEOUT_S + HANG_MARGIN_S
+# The load cycles through this many prompts per request kind, so each has a fault-free answer.
+PROMPTS = 64
 IPTABLES_TAG = "pdserve-bench-faults"
 KINDS = ("completions", "completions-stream", "chat", "chat-stream")
 
@@ -144,7 +155,7 @@ def write_topology(
             "timeouts": {
                 "prefill_s": LEG_TIMEOUT_S,
                 "first_byte_s": LEG_TIMEOUT_S,
-                "stall_s": LEG_TIMEOUT_S,
+                "stall_s": STALL_S,
             },
             "retries": {"deadline_s": 2 * LEG_TIMEOUT_S},
             "health": {"interval_s": 0.5, "failures_to_eject": 2, "successes_to_readmit": 1},
@@ -217,6 +228,7 @@ class Tally:
     failed_mid_stream: int = 0
     hung: int = 0
     disconnected_by_client: int = 0
+    differs: int = 0  # succeeded, but not with the fault-free answer
     errors: Counter[str] = field(default_factory=Counter)
 
     def add(self, outcome: str, detail: str = "") -> None:
@@ -226,15 +238,29 @@ class Tally:
             self.errors[f"{outcome}: {detail[:120]}"] += 1
 
 
+@dataclass(frozen=True)
+class Answer:
+    outcome: str  # a Tally field
+    detail: str = ""
+    text: str = ""
+
+
 class Load:
     """``concurrency`` clients sending the four request kinds round-robin until stopped.
     ``disconnect_every`` > 0 makes every n-th streamed request end at its first event."""
 
-    def __init__(self, api: str, concurrency: int, max_tokens: int) -> None:
+    def __init__(
+        self,
+        api: str,
+        concurrency: int,
+        max_tokens: int,
+        fault_free: dict[tuple[str, int], str] | None = None,
+    ) -> None:
         self._api = api
         self._concurrency = concurrency
         self._max_tokens = max_tokens
         self._hang_s = HANG_LIMIT_S
+        self._fault_free = fault_free or {}
         self.tally = Tally()
         self.disconnect_every = 0
         self._streams = 0
@@ -243,11 +269,7 @@ class Load:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        # sock_read bounds every wait for a byte, the response headers included.
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._hang_s, sock_read=self._hang_s
-        )
-        self._session = aiohttp.ClientSession(timeout=timeout)
+        self._open()
         self._stop.clear()
         self._tasks = [asyncio.create_task(self._client(i)) for i in range(self._concurrency)]
 
@@ -261,17 +283,57 @@ class Load:
         if self._session is not None:
             await self._session.close()
 
+    def _open(self) -> None:
+        # sock_read bounds every wait for a byte, the response headers included.
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._hang_s, sock_read=self._hang_s
+        )
+        self._session = aiohttp.ClientSession(timeout=timeout)
+
+    async def fault_free_answers(self) -> dict[tuple[str, int], str]:
+        """Every (kind, prompt) of the load answered once, ``concurrency`` at a time (no
+        clients running: ``start`` is not called)."""
+        if self._session is None:
+            self._open()
+        gate = asyncio.Semaphore(self._concurrency)
+
+        async def one(kind: str, prompt: int) -> Answer:
+            async with gate:
+                return await self.ask(kind, prompt)
+
+        keys = [(kind, prompt) for kind in KINDS for prompt in range(PROMPTS)]
+        answers = await asyncio.gather(*(one(*key) for key in keys))
+        failed = [
+            f"{kind} prompt {prompt}: {a.outcome} {a.detail}"
+            for (kind, prompt), a in zip(keys, answers, strict=True)
+            if a.outcome != "ok"
+        ]
+        if failed:
+            raise BenchError(f"the fault-free cluster failed {len(failed)} requests: {failed[0]}")
+        return {key: answer.text for key, answer in zip(keys, answers, strict=True)}
+
     async def _client(self, index: int) -> None:
         turn = index
         while not self._stop.is_set():
             kind = KINDS[turn % len(KINDS)]
+            prompt = turn % PROMPTS
             turn += 1
-            outcome, detail = await self._one(kind, turn)
-            self.tally.add(outcome, detail)
+            abandon = False
+            if kind.endswith("stream"):
+                self._streams += 1
+                abandon = self.disconnect_every > 0 and self._streams % self.disconnect_every == 0
+            self.record(kind, prompt, await self.ask(kind, prompt, abandon))
             await asyncio.sleep(0.05)  # a steady trickle: restarting engines share the cores
 
-    async def _one(self, kind: str, turn: int) -> tuple[str, str]:
-        assert self._session is not None
+    def record(self, kind: str, prompt: int, answer: Answer) -> None:
+        """Count ``answer``; a succeeded one is compared with the fault-free answer."""
+        self.tally.add(answer.outcome, answer.detail)
+        expected = self._fault_free.get((kind, prompt))
+        if answer.outcome == "ok" and expected is not None and answer.text != expected:
+            self.tally.differs += 1
+            self.tally.errors[f"differs: {kind} prompt {prompt}: {answer.text[:60]!r}"] += 1
+
+    async def ask(self, kind: str, prompt: int, abandon: bool = False) -> Answer:
         stream = kind.endswith("stream")
         chat = kind.startswith("chat")
         body: dict[str, Any] = {
@@ -280,22 +342,17 @@ class Load:
             "temperature": 0,
             "stream": stream,
         }
-        text = f"Request {turn}: tell me about the weather in a city by the sea."
+        text = f"Request {prompt}: tell me about the weather in a city by the sea."
         if chat:
             body["messages"] = [{"role": "user", "content": text}]
         else:
             body["prompt"] = text
-        abandon = False
-        if stream:
-            self._streams += 1
-            abandon = self.disconnect_every > 0 and self._streams % self.disconnect_every == 0
         path = "/v1/chat/completions" if chat else "/v1/completions"
         return await self._exchange(path, orjson.dumps(body), stream, abandon)
 
-    async def _exchange(
-        self, path: str, body: bytes, stream: bool, abandon: bool
-    ) -> tuple[str, str]:
-        assert self._session is not None
+    async def _exchange(self, path: str, body: bytes, stream: bool, abandon: bool) -> Answer:
+        if self._session is None:
+            raise BenchError("Load.start() first")
         got_bytes = False
         try:
             async with self._session.post(
@@ -303,11 +360,11 @@ class Load:
             ) as response:
                 if response.status != 200:
                     payload = await response.read()
-                    return "failed_before_first_byte", f"{response.status} {payload[:80]!r}"
+                    return Answer("failed_before_first_byte", f"{response.status} {payload[:80]!r}")
                 if not stream:
-                    orjson.loads(await response.read())
-                    return "ok", ""
+                    return Answer("ok", text=_text_of(orjson.loads(await response.read())))
                 done = False
+                parts: list[str] = []
                 while True:
                     line = await response.content.readline()
                     if not line:
@@ -319,18 +376,32 @@ class Load:
                     if data == b"[DONE]":
                         done = True
                     elif data.startswith(b'{"error"'):
-                        return "failed_mid_stream", data[:80].decode("utf-8", "replace")
+                        return Answer("failed_mid_stream", data[:80].decode("utf-8", "replace"))
                     elif abandon:
                         response.close()  # the client goes away mid-stream
-                        return "disconnected_by_client", ""
+                        return Answer("disconnected_by_client")
+                    else:
+                        parts.append(_text_of(orjson.loads(data)))
                 if not done:
-                    return "failed_mid_stream", "stream ended without data: [DONE]"
-                return "ok", ""
+                    return Answer("failed_mid_stream", "stream ended without data: [DONE]")
+                return Answer("ok", text="".join(parts))
         except TimeoutError:
-            return "hung", f"no byte for {self._hang_s:.0f} s"
+            return Answer("hung", f"no byte for {self._hang_s:.0f} s")
         except (aiohttp.ClientError, orjson.JSONDecodeError) as exc:
             outcome = "failed_mid_stream" if got_bytes else "failed_before_first_byte"
-            return outcome, f"{type(exc).__name__}: {exc}"
+            return Answer(outcome, f"{type(exc).__name__}: {exc}")
+
+
+def _text_of(payload: dict[str, Any]) -> str:
+    """The text of a completion or chat answer, or of one of their stream chunks."""
+    parts = []
+    for choice in payload.get("choices") or []:
+        if "text" in choice:
+            parts.append(choice["text"] or "")
+        else:
+            message = choice.get("delta") or choice.get("message") or {}
+            parts.append(message.get("content") or "")
+    return "".join(parts)
 
 
 # -- faults -------------------------------------------------------------------------------
@@ -449,6 +520,10 @@ class PhaseResult:
     # Read again one lease later when blocks were held 5 s after the load: what is left then
     # is a leak, not a lease of a request the fault hit running out (None: not read again).
     kv_blocks_held_after_lease: dict[str, int | None] | None = None
+    # Succeeded answers that differ from the fault-free cluster's answer to the same prompt.
+    differs_from_fault_free: int = 0
+    # Requests the proxy moved to another decode instance during the phase, by stage.
+    moved: dict[str, float] = field(default_factory=dict)
 
 
 def _handoffs(cluster: Cluster) -> dict[str, float]:
@@ -457,6 +532,13 @@ def _handoffs(cluster: Cluster) -> dict[str, float]:
     return {
         str(o): metric_sum(cluster.api, "pdserve_kv_handoffs_total", {"outcome": str(o)}) or 0.0
         for o in HANDOFF_OUTCOMES
+    }
+
+
+def _moves(cluster: Cluster) -> dict[str, float]:
+    return {
+        stage: metric_sum(cluster.api, "pdserve_migrations_total", {"stage": stage}) or 0.0
+        for stage in ("before_first_byte", "mid_stream")
     }
 
 
@@ -477,6 +559,7 @@ async def run_phase(
 ) -> PhaseResult:
     await asyncio.sleep(args.baseline_s)
     before = await asyncio.to_thread(_handoffs, cluster)
+    moves_before = await asyncio.to_thread(_moves, cluster)
     load.swap_tally()
     target_url = cluster.url(*_role_index(fault.target)) if fault.target else ""
     started = time.monotonic()
@@ -492,6 +575,7 @@ async def run_phase(
             await asyncio.to_thread(fault.lift)
     tally = load.swap_tally()
     after = await asyncio.to_thread(_handoffs, cluster)
+    moves_after = await asyncio.to_thread(_moves, cluster)
     return PhaseResult(
         fault=fault.name,
         target=fault.target or "clients",
@@ -508,6 +592,8 @@ async def run_phase(
         back_in_rotation_s=None if back_at is None else round(back_at - started, 1),
         kv_handoffs={k: after[k] - before[k] for k in after},
         errors=dict(tally.errors.most_common(5)),
+        differs_from_fault_free=tally.differs,
+        moved={k: moves_after[k] - moves_before[k] for k in moves_after},
     )
 
 
@@ -554,26 +640,21 @@ async def run_faults(cluster: Cluster, args: argparse.Namespace) -> list[PhaseRe
         cluster.url("decode", i) for i in range(args.decode)
     ]
     results: list[PhaseResult] = []
+    await wait_all_in_rotation(cluster, all_urls, args.max_phase_s)
+    fault_free = await _fault_free_answers(cluster, args)
     for name in args.faults:
         if name == "kv-port-refused" and (why := iptables_available()) is not None:
             results.append(_skipped(name, "prefill-0", why))
             continue
         await wait_all_in_rotation(cluster, all_urls, args.max_phase_s)
-        load = Load(cluster.api, args.concurrency, args.max_tokens)
+        load = Load(cluster.api, args.concurrency, args.max_tokens, fault_free)
         await load.start()
         try:
             fault = build_fault(name, cluster, load, args)
             result = await run_phase(cluster, load, fault, args)
         finally:
             await load.stop()
-        result.sent += load.tally.sent  # requests that ended while the load stopped
-        result.ok += load.tally.ok
-        result.failed_before_first_byte += load.tally.failed_before_first_byte
-        result.failed_mid_stream += load.tally.failed_mid_stream
-        result.hung += load.tally.hung
-        result.disconnected_by_client += load.tally.disconnected_by_client
-        for error, count in load.tally.errors.items():
-            result.errors[error] = result.errors.get(error, 0) + count
+        _add_late(result, load.tally)  # requests that ended while the load stopped
         await asyncio.sleep(5.0)
         result.kv_blocks_held_after = await _blocks_held(cluster, args.prefill)
         if _held(result):
@@ -582,6 +663,28 @@ async def run_faults(cluster: Cluster, args: argparse.Namespace) -> list[PhaseRe
         print(format_row(result), flush=True)
         results.append(result)
     return results
+
+
+async def _fault_free_answers(
+    cluster: Cluster, args: argparse.Namespace
+) -> dict[tuple[str, int], str]:
+    load = Load(cluster.api, args.concurrency, args.max_tokens)
+    try:
+        return await load.fault_free_answers()
+    finally:
+        await load.stop()
+
+
+def _add_late(result: PhaseResult, tally: Tally) -> None:
+    result.sent += tally.sent
+    result.ok += tally.ok
+    result.failed_before_first_byte += tally.failed_before_first_byte
+    result.failed_mid_stream += tally.failed_mid_stream
+    result.hung += tally.hung
+    result.disconnected_by_client += tally.disconnected_by_client
+    result.differs_from_fault_free += tally.differs
+    for error, count in tally.errors.items():
+        result.errors[error] = result.errors.get(error, 0) + count
 
 
 async def _blocks_held(cluster: Cluster, prefill: int) -> dict[str, int | None]:
@@ -599,8 +702,8 @@ def _skipped(name: str, target: str, why: str) -> PhaseResult:
 
 HEADER = (
     f"{'fault':<20} {'target':<10} {'sent':>5} {'ok':>5} {'fail<1B':>7} {'fail-mid':>8} "
-    f"{'hung':>4} {'client-gone':>11} {'recomputed':>10} {'kv-held-5s':>10} "
-    f"{'+lease':>6} {'back-in':>8}"
+    f"{'hung':>4} {'client-gone':>11} {'differs':>7} {'moved<1B':>8} {'moved-mid':>9} "
+    f"{'recomputed':>10} {'kv-held-5s':>10} {'+lease':>6} {'back-in':>8}"
 )
 
 
@@ -612,6 +715,8 @@ def format_row(r: PhaseResult) -> str:
     return (
         f"{r.fault:<20} {r.target:<10} {r.sent:>5} {r.ok:>5} {r.failed_before_first_byte:>7} "
         f"{r.failed_mid_stream:>8} {r.hung:>4} {r.disconnected_by_client:>11} "
+        f"{r.differs_from_fault_free:>7} {int(r.moved.get('before_first_byte', 0)):>8} "
+        f"{int(r.moved.get('mid_stream', 0)):>9} "
         f"{int(r.kv_handoffs.get('recomputed', 0)):>10} {_held(r):>10} {later:>6} {back:>8}"
     )
 
@@ -656,7 +761,8 @@ def plot(results: list[PhaseResult], path: Path) -> bool:
         if r.kv_blocks_held_after_lease is not None:
             held += f" ({_held(r, after_lease=True)} a lease later)"
         back = _back_text(r)
-        label = f"n={r.sent}\nKV held {held}" + (f"\nback in {back}" if back else "")
+        label = f"n={r.sent}, differ {r.differs_from_fault_free}\nKV held {held}"
+        label += f"\nback in {back}" if back else ""
         ax.text(i, 101, label, ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, 130)
     ax.set_ylabel("% of requests sent during the phase")
@@ -752,6 +858,8 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model or "tiny (generated)",
         "concurrency": args.concurrency,
         "proxy_leg_timeouts_s": LEG_TIMEOUT_S,
+        "proxy_stall_s": STALL_S,
+        "prompts_per_kind": PROMPTS,
         "hang_limit_s": HANG_LIMIT_S,
         "phases": [asdict(r) for r in results],
     }
@@ -759,9 +867,16 @@ def run(args: argparse.Namespace) -> int:
     png = out.with_suffix(".png")
     drew = plot(results, png)
     print(f"\n{format_table(results)}\n\nwrote {out}" + (f" and {png}" if drew else ""))
-    bad = [r.fault for r in results if r.hung or _held(r, after_lease=True)]
+    bad = [
+        r.fault
+        for r in results
+        if r.hung or r.differs_from_fault_free or _held(r, after_lease=True)
+    ]
     if bad:
-        print(f"FAILED: hung requests or KV blocks held past their lease after: {', '.join(bad)}")
+        print(
+            "FAILED: hung requests, answers that differ from the fault-free run, or KV blocks "
+            f"held past their lease after: {', '.join(bad)}"
+        )
         return 1
     return 0
 

@@ -30,6 +30,7 @@ from engine_support import (
     KV_SECRET,
     MODEL_NAME,
     PROCESS_GRACE_S,
+    FreezableDecodes,
     PDDeployment,
     PDEngines,
     RunningServer,
@@ -45,13 +46,29 @@ _ENGINE_TIMINGS = pytest.StashKey[dict[str, float]]()
 # role -> (CPU core, the fixture whose use means a test needs that engine). Aggregated shares
 # core 1 with decode: the equivalence tests query the baseline and the PD pair one after the
 # other, never at once.
-ENGINE_CORES: dict[str, int] = {"prefill": 0, "decode": 1, "aggregated": 1, "decode_queued": 1}
+ENGINE_CORES: dict[str, int] = {
+    "prefill": 0,
+    "decode": 1,
+    "aggregated": 1,
+    "decode_queued": 1,
+    "freezable_a": 1,
+    "freezable_b": 1,
+}
 ENGINE_FIXTURES: dict[str, str] = {
     "prefill": "real_prefill",
     "decode": "real_decode",
     "aggregated": "real_aggregated",
     "decode_queued": "real_decode_queued",
+    "freezable_a": "freezable_decodes",
+    "freezable_b": "freezable_decodes",
 }
+# Decode engines a test may freeze after a chosen token and kill -9 (the migration tests):
+# they load tests/integration/freeze_logits_processor.py and are relaunched after a kill.
+# Both on core 1, never with the prefill: one of them serves while the other waits, and an
+# engine sharing the prefill's core (both spinning in vLLM's shared-memory queues between
+# steps) took minutes for a dozen tokens here.
+FREEZABLE = ("freezable_a", "freezable_b")
+_FREEZE_PROCESSOR = "freeze_logits_processor:FreezeAfterTokens"
 # The worker role and extra flags of each engine. ``decode_queued`` runs one sequence at a time
 # and fails requests whose KV load fails: it shows kv_load_failure_policy=fail on a live engine.
 ENGINE_ROLES: dict[str, tuple[str, list[str]]] = {
@@ -62,6 +79,10 @@ ENGINE_ROLES: dict[str, tuple[str, list[str]]] = {
         "decode",
         ["--kv-load-failure-policy", "fail", "--vllm-args", "--max-num-seqs 1"],
     ),
+    **{
+        name: ("decode", ["--vllm-args", f"--logits-processors {_FREEZE_PROCESSOR}"])
+        for name in FREEZABLE
+    },
 }
 
 
@@ -148,6 +169,7 @@ class EnginePool:
         self._model = model
         self._needed = needed
         self._launched: dict[str, RunningServer] = {}
+        self._relaunches = 0
 
     def ready(self, role: str) -> RunningServer:
         """The ``role`` engine, launched (with its siblings) if need be, once it answers."""
@@ -159,15 +181,43 @@ class EnginePool:
         except ServerStartError as exc:
             pytest.fail(str(exc), pytrace=False)
 
-    def _launch(self, role: str) -> RunningServer:
-        port = free_port()
+    def relaunch(self, role: str) -> RunningServer:
+        """Start ``role`` again on its port after a test killed it; return it once it answers."""
+        killed = self._launched[role]
+        self._launcher.forget_killed(killed)
+        self._relaunches += 1
+        self._launched[role] = self._launch(
+            role, port=killed.port, name=f"{role}.{self._relaunches}"
+        )
+        try:
+            return self._launcher.wait_ready(self._launched[role])
+        except ServerStartError as exc:
+            pytest.fail(str(exc), pytrace=False)
+
+    @property
+    def freeze_dir(self) -> Path:
+        """Where the freezable engines read their plan and mark that they froze."""
+        path = self._launcher.log_dir / "freeze"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def _launch(self, role: str, port: int | None = None, name: str | None = None) -> RunningServer:
+        port = port or free_port()
         kv_port = free_port() if role == "prefill" else None
+        env = dict(ENGINE_ENV.get(role, {}))
+        if role in FREEZABLE:
+            tests_dir = Path(__file__).parent
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(tests_dir / "integration"), str(tests_dir.parent)]
+            )
+            env["PDSERVE_TEST_FREEZE_DIR"] = str(self.freeze_dir)
         return self._launcher.launch(
-            role,
+            name or role,
             _worker_argv(role, self._model, port, kv_port, self._secret_file()),
             f"http://127.0.0.1:{port}",
-            env=ENGINE_ENV.get(role),
+            env=env,
             kv_port=kv_port,
+            port=port,
         )
 
     def _secret_file(self) -> Path:
@@ -218,6 +268,14 @@ def real_decode(engine_pool: EnginePool) -> RunningServer:
 def real_decode_queued(engine_pool: EnginePool) -> RunningServer:
     """A decode worker that runs one sequence at a time and fails failed KV loads (core 1)."""
     return engine_pool.ready("decode_queued")
+
+
+@pytest.fixture(scope="session")
+def freezable_decodes(engine_pool: EnginePool) -> FreezableDecodes:
+    """Two decode workers (cores 0 and 1) that a test may freeze after a request's k-th token
+    and kill -9; ``relaunch`` brings one back on its port."""
+    servers = {name: engine_pool.ready(name) for name in FREEZABLE}
+    return FreezableDecodes(servers, engine_pool.freeze_dir, engine_pool.relaunch)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,12 @@ class RunningServer:
     def kv_port(self) -> int | None:
         """The KV block server's port (prefill workers only)."""
         port = self.extra.get("kv_port")
+        return port if isinstance(port, int) else None
+
+    @property
+    def port(self) -> int | None:
+        """The port the server was told to listen on (engines only)."""
+        port = self.extra.get("port")
         return port if isinstance(port, int) else None
 
     def get(self, path: str, timeout_s: float = 10.0) -> bytes:
@@ -132,6 +138,44 @@ class RunningServer:
         if not self.log_path.is_file():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class FreezableDecodes:
+    """Decode engines loaded with tests/integration/freeze_logits_processor.py.
+
+    ``plan`` tells them which request to freeze after how many tokens; ``frozen`` waits for
+    the engine that froze and returns its name and process group (the test kills it);
+    ``relaunch`` starts a killed engine again on its port.
+    """
+
+    servers: dict[str, RunningServer]
+    freeze_dir: Path
+    _relaunch: Callable[[str], RunningServer]
+
+    def plan(self, prompt_token_ids: list[int], k: int) -> None:
+        for marker in self.freeze_dir.glob("frozen-*"):
+            marker.unlink()
+        plan = self.freeze_dir / "plan.json"
+        staged = plan.with_suffix(".tmp")
+        staged.write_text(json.dumps({"prompt_token_ids": prompt_token_ids, "k": k}))
+        staged.replace(plan)  # engines never read a half-written plan
+
+    def frozen(self, timeout_s: float = 120.0) -> tuple[str, int]:
+        """The name and process group of the engine that froze (waits for it)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for marker in self.freeze_dir.glob("frozen-*"):
+                group = int(marker.name.removeprefix("frozen-"))
+                for name, server in self.servers.items():
+                    if server.server_group() == group:
+                        return name, group
+            time.sleep(0.05)
+        raise AssertionError(f"no freezable engine froze within {timeout_s:.0f} s")
+
+    def relaunch(self, name: str) -> RunningServer:
+        self.servers[name] = self._relaunch(name)
+        return self.servers[name]
 
 
 @dataclass(frozen=True)
@@ -240,6 +284,17 @@ class ServerLauncher:
         if group is not None:
             self._groups[server.name] = group
         return server
+
+    def forget_killed(self, server: RunningServer) -> None:
+        """Stop tracking ``server``, which a test killed on purpose: its exit status is not a
+        shutdown problem. Its command is reaped, and nothing of it may be left."""
+        group = self._groups.get(server.name) or server.server_group()
+        if group is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        server.proc.wait(timeout=PROCESS_GRACE_S + 10)
+        self._servers.remove(server)
+        self._groups.pop(server.name, None)
 
     def stop_all(self) -> list[str]:
         """SIGTERM every command at once, then reap each; return the problems found."""

@@ -59,6 +59,8 @@ def test_quick_is_a_1p1d_smoke_of_the_faults_that_need_no_restart() -> None:
 
 def _result(name: str, **kw: object) -> faults.PhaseResult:
     base: dict[str, object] = {
+        "differs_from_fault_free": 1,
+        "moved": {"before_first_byte": 4.0, "mid_stream": 5.0},
         "fault": name,
         "target": "decode-0",
         "sent": 40,
@@ -86,7 +88,8 @@ def test_table_and_plot(tmp_path: Path) -> None:
     table = faults.format_table(results).splitlines()
     assert table[0].split()[:3] == ["fault", "target", "sent"]
     assert table[1].split() == [
-        "kill-decode", "decode-0", "40", "30", "6", "2", "0", "2", "3", "0", "-", "61.5", "s"
+        "kill-decode", "decode-0", "40", "30", "6", "2", "0", "2", "1", "4", "5", "3", "0", "-",
+        "61.5", "s",
     ]  # fmt: skip
     assert "skipped: needs root" in table[2]
     assert table[3].split()[-1] == "-"
@@ -101,7 +104,17 @@ def test_held_blocks_and_hangs_fail_the_run() -> None:
     assert faults._held(expired, after_lease=True) == 0
     leaked = _result("x", kv_blocks_held_after_lease={"prefill-0": 1, "prefill-1": 0})
     assert faults._held(leaked, after_lease=True) == 1
-    assert faults.format_row(leaked).split()[10] == "1"
+    assert faults.format_row(leaked).split()[13] == "1"
+
+
+def test_answers_that_differ_from_the_fault_free_run_are_counted_and_fail_the_run() -> None:
+    load = faults.Load("http://127.0.0.1:1", 1, 4, fault_free={("chat", 3): "the sea"})
+    load.record("chat", 3, faults.Answer("ok", text="the sea"))
+    load.record("chat", 3, faults.Answer("ok", text="the sky"))
+    load.record("chat", 3, faults.Answer("failed_mid_stream", "cut"))  # failed: not compared
+    load.record("chat", 4, faults.Answer("ok", text="no fault-free answer to compare with"))
+    assert (load.tally.sent, load.tally.ok, load.tally.differs) == (4, 3, 1)
+    assert "differs: chat prompt 3: 'the sky'" in load.tally.errors
 
 
 # -- the load's classification --------------------------------------------------------------
@@ -159,7 +172,10 @@ async def test_load_classifies_each_way_a_request_can_end(
     # Every (kind, mode) pair: 4 kinds x 5 modes, one request at a time, in turn order.
     for turn in range(1, 21):
         kind = faults.KINDS[turn % len(faults.KINDS)]
-        outcomes[(kind, turn % 5)] = (await load._one(kind, turn))[0]
+        answer = await load.ask(kind, turn)
+        outcomes[(kind, turn % 5)] = answer.outcome
+        if answer.outcome == "ok":
+            assert answer.text == ("a" if kind.endswith("stream") else "ok")
     await load.stop()
     for kind in faults.KINDS:
         stream = kind.endswith("stream")
@@ -171,12 +187,24 @@ async def test_load_classifies_each_way_a_request_can_end(
 
 
 @pytest.mark.timeout(60)
+async def test_fault_free_answers_fail_the_bench_when_the_healthy_cluster_fails(
+    misbehaving: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(faults, "PROMPTS", 1)  # prompt 0 is answered 503 (mode 0)
+    load = faults.Load(misbehaving, concurrency=2, max_tokens=4)
+    with pytest.raises(faults.BenchError, match="failed 4 requests: completions prompt 0"):
+        await load.fault_free_answers()
+    await load.stop()
+
+
+@pytest.mark.timeout(60)
 async def test_abandoned_streams_are_counted_as_the_clients_doing(misbehaving: str) -> None:
     load = faults.Load(misbehaving, concurrency=1, max_tokens=4)
-    load.disconnect_every = 1
     await load.start()
-    assert await load._one("completions-stream", 4) == ("disconnected_by_client", "")
-    assert await load._one("completions", 4) == ("ok", "")
+    assert await load.ask("completions-stream", 4, abandon=True) == faults.Answer(
+        "disconnected_by_client"
+    )
+    assert await load.ask("completions", 4) == faults.Answer("ok", text="ok")
     await load.stop()
 
 
