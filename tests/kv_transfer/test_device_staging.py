@@ -264,6 +264,7 @@ def test_block_server_pull_through_staged_layouts(layout: str, consumer_staged: 
     assert_blocks_copied(src, dst, block_dim, REMOTE)
 
 
+@pytest.mark.timeout(300)  # a spawned process importing torch: minutes on a loaded 2-core box
 def test_two_process_check_runs_on_cpu_tensors() -> None:
     """The GPU check's harness (spawned producer, BlockServer, BlockClient), on CPU tensors."""
     result = run_ordering_check(
