@@ -545,6 +545,7 @@ class Controller:
             ready_timeout_s=self._topology.controller.ready_timeout_s,
             restart_backoff_s=self._topology.controller.restart_backoff_s,
             restart_backoff_max_s=self._topology.controller.restart_backoff_max_s,
+            startup_niceness=self._topology.controller.startup_niceness,
         )
 
     def _assign_core(self, role: str, index: int) -> int | None:

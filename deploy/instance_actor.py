@@ -60,6 +60,7 @@ class InstancePlan:
     env: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 600.0
     restart_backoff_s: float = 1.0
+    startup_niceness: int = 0
     restart_backoff_max_s: float = 30.0
 
 
@@ -103,6 +104,8 @@ class InstanceSupervisor:
         # While restart_worker runs, the watcher neither reads the missing process as a
         # crash nor starts one itself.
         self._restarting_on_purpose = False
+        # Without the right to lower it again, a niced start would leave the engine niced.
+        self._startup_niceness = plan.startup_niceness if can_lower_niceness() else 0
         self._last_exit: int | None = None
         self._started_at = 0.0
         self._ready = threading.Event()
@@ -244,6 +247,8 @@ class InstanceSupervisor:
                 self._state = "failed" if not self._stopping else self._state
             logger.error("%s: cannot start worker: %s", self._plan.name, exc)
             return False
+        if self._startup_niceness:
+            set_group_niceness(proc.pid, self._startup_niceness, self._plan.name)
         self._pid_file.parent.mkdir(parents=True, exist_ok=True)
         self._pid_file.write_text(str(proc.pid))
         with self._lock:
@@ -284,6 +289,8 @@ class InstanceSupervisor:
                             if not self._stopping and self._proc is proc:
                                 self._state = "ready"
                                 self._ready.set()
+                        if self._startup_niceness:
+                            set_group_niceness(proc.pid, 0, self._plan.name)
                     continue
                 with self._lifecycle, self._lock:
                     if self._stopping:
@@ -341,6 +348,27 @@ def build_worker_spec(plan: InstancePlan, node_ip: str, visible_devices: str | N
         extra_args=tuple(plan.vllm_args),
         env=dict(plan.env),
     )
+
+
+def set_group_niceness(pgid: int, niceness: int, name: str) -> bool:
+    """Set every process of the worker's group to ``niceness``; False (logged) if not allowed.
+
+    Raising it is always allowed; lowering it back needs root (CAP_SYS_NICE), so a plan
+    asks for a startup niceness only where :func:`can_lower_niceness` holds. Processes the
+    worker forks later inherit the niceness of their parent."""
+    try:
+        os.setpriority(os.PRIO_PGRP, pgid, niceness)
+    except ProcessLookupError:
+        return False  # the worker is gone; its supervisor sees that on its own
+    except PermissionError as exc:
+        logger.warning("%s: cannot set the worker's niceness to %d: %s", name, niceness, exc)
+        return False
+    return True
+
+
+def can_lower_niceness() -> bool:
+    """Whether this process may lower a niceness it raised (root, or CAP_SYS_NICE)."""
+    return os.geteuid() == 0
 
 
 def _undo_worker_niceness() -> None:

@@ -139,6 +139,10 @@ class ControllerSettings(_Strict):
     # A worker process that dies is started again after this delay (doubling, capped).
     restart_backoff_s: float = Field(default=1.0, gt=0)
     restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    # A starting (or restarting) worker runs at this niceness until it answers /health, so
+    # that loading a model does not starve the instances serving next to it on the node;
+    # 0 = off. Needs root (only root can lower it again once the worker is ready).
+    startup_niceness: int = Field(default=10, ge=0, le=19)
 
 
 class PrometheusSettings(_Strict):

@@ -186,3 +186,51 @@ def test_restart_after_stop_is_refused(tmp_path: Path, fake_worker: list[Any]) -
     with pytest.raises(RuntimeError, match="prefill-0: stopped"):
         supervisor.restart_worker()
     assert len(fake_worker) == 1
+
+
+GATED_SERVER = """
+import http.server, os, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ready = os.path.exists(sys.argv[2])
+        self.send_response(200 if self.path == "/health" and ready else 503)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a niceness again needs root")
+def test_a_starting_worker_is_niced_until_it_answers_health(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = tmp_path / "ready"
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start_worker(spec: Any, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", GATED_SERVER, str(spec.api_port), str(gate)],
+            start_new_session=True,
+        )
+        procs.append(proc)
+        return proc
+
+    monkeypatch.setattr(worker_launch, "start_worker", start_worker)
+    plan = _plan(tmp_path)
+    plan.startup_niceness = 10
+    supervisor = InstanceSupervisor(plan)
+    try:
+        # Loading: niced, and it stays so for as long as /health says no.
+        assert os.getpriority(os.PRIO_PROCESS, procs[0].pid) == 10
+        time.sleep(1.5)  # three of the watcher's looks at /health
+        assert supervisor.info()["state"] == "starting"
+        assert os.getpriority(os.PRIO_PROCESS, procs[0].pid) == 10
+        gate.touch()
+        supervisor.wait_ready(timeout_s=30)
+        deadline = time.monotonic() + 10
+        while os.getpriority(os.PRIO_PROCESS, procs[0].pid) != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, procs[0].pid) == 0
+    finally:
+        supervisor.stop()
