@@ -8,6 +8,7 @@ Ctrl-C during start-up leaves no process behind, and a short full run writes its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -375,10 +376,14 @@ def test_ctrl_c_during_startup_leaves_nothing(tmp_path: Path) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        # Whatever the benchmark failed to stop must not load the rest of the suite.
+        leaked = _members(sessions)
+        for session in sessions:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(session, signal.SIGKILL)
+    assert leaked == [], leaked
     assert process.returncode == 130, err.decode()
     assert b"interrupted" in err
-    leftover = _members(sessions)
-    assert leftover == [], leftover
     assert not (tmp_path / "out.json").exists()
 
 

@@ -37,6 +37,11 @@ pytestmark = pytest.mark.slow
 READY_TIMEOUT_S = 900.0
 PROGRESS_LINE = re.compile(r"^\[\s*\d+\.\ds\] ")
 MODEL = "tiny-llama"
+REPO = Path(__file__).resolve().parents[2]
+# The decode engines load tests/integration/freeze_logits_processor.py: a test can hold one
+# of them after a chosen request's first token for as long as it needs (a request that
+# stays in flight whatever the speed of the machine).
+FREEZE_PROCESSOR = "freeze_logits_processor:FreezeAfterTokens"
 
 
 @dataclass
@@ -111,6 +116,12 @@ class Cluster:
                     self.seen.setdefault(process.pid, process)
 
 
+def _freeze_dir(directory: Path) -> Path:
+    path = directory / "freeze"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def _write_topology(directory: Path, ports: dict[str, int], ray_temp_dir: Path) -> Path:
     topology = {
         # null model: the tiny model is generated into tiny_model_dir on first `up`.
@@ -130,6 +141,11 @@ def _write_topology(directory: Path, ports: dict[str, int], ray_temp_dir: Path) 
             "port": ports["decode"],
             "resources": {"cpus": 0.5, "cpu_cores": [1]},
             "kv_cache_gib": 1,
+            "vllm_args": ["--logits-processors", FREEZE_PROCESSOR],
+            "env": {
+                "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "integration"), str(REPO)]),
+                "PDSERVE_TEST_FREEZE_DIR": str(_freeze_dir(directory)),
+            },
         },
         "proxy": {
             "port": ports["proxy"],
@@ -416,16 +432,27 @@ def test_scale_beyond_resources_fails_cleanly(cluster: Cluster) -> None:
 
 @pytest.mark.timeout(1500)
 def test_restart_of_a_decode_under_a_stream_loses_nothing(cluster: Cluster) -> None:
-    """`pdserve restart decode-0` while a long stream is on it (issue 11 item 4): the drain
-    waits for the stream, which the client gets whole; then the worker restarts on the same
-    port, without counting as a crash, and serves again."""
+    """`pdserve restart decode-0` while a stream is on it (issue 11 item 4): the drain waits
+    for the stream, which the client gets whole; then the worker restarts on the same port,
+    without counting as a crash, and serves again.
+
+    The decode engine is held after the stream's first token until the test has seen the
+    proxy drain the instance with the stream still on it; only then does the stream go on.
+    So the restart always meets a request in flight, whatever the speed of the machine."""
+    from tokenizers import Tokenizer
+
     decode_url = f"http://127.0.0.1:{cluster.ports['decode']}"
     old_pid = cluster.worker_pid("decode-0")
     before = {row["name"]: row for row in cluster.status()}["decode-0"]
     client = cluster.client(timeout=600)
-    # Long enough to outlast the restart command's start and the drain's first look, on
-    # any CPU: every token is generated (ignore_eos) and counted in the usage chunk.
-    max_tokens = 3000
+    prompt = "A story that goes on through a restart:"
+    directory = cluster.state_dir.parent
+    tokenizer = Tokenizer.from_file(str(directory / "tiny-llama" / "tokenizer.json"))
+    freeze_dir = _freeze_dir(directory)
+    release = freeze_dir / "release"
+    plan = {"prompt_token_ids": tokenizer.encode(prompt).ids, "k": 1, "until": str(release)}
+    (freeze_dir / "plan.json").write_text(json.dumps(plan))
+    max_tokens = 64
     received: dict[str, Any] = {}
     first_chunk = threading.Event()
 
@@ -434,7 +461,7 @@ def test_restart_of_a_decode_under_a_stream_loses_nothing(cluster: Cluster) -> N
             texts: list[str] = []
             for chunk in client.completions.create(
                 model=MODEL,
-                prompt="A story that goes on through a restart:",
+                prompt=prompt,
                 max_tokens=max_tokens,
                 temperature=0,
                 stream=True,
@@ -456,24 +483,31 @@ def test_restart_of_a_decode_under_a_stream_loses_nothing(cluster: Cluster) -> N
     watching = threading.Event()
 
     def watch() -> None:
-        """The proxy's view of decode-0 while the restart runs."""
+        """The proxy's view of decode-0 while the restart runs; the held engine goes on
+        once the drain is seen with the stream on it."""
         while not watching.is_set():
             with contextlib.suppress(OSError, ValueError, KeyError):
                 entry = cluster.admin_instances().get(decode_url)
                 if entry is not None:
                     views.append((entry["draining"], entry["in_flight_requests"]))
+                    if views[-1] == (True, 1):
+                        release.touch()
             watching.wait(0.2)
 
     streaming = threading.Thread(target=consume, daemon=True)
-    streaming.start()
-    assert first_chunk.wait(300) and "error" not in received, received
-    assert cluster.admin_instances()[decode_url]["in_flight_requests"] == 1
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    started = time.monotonic()
-    result = cluster.pdserve("restart", "decode-0", timeout_s=1400)
-    took = time.monotonic() - started
-    watching.set()
+    try:
+        streaming.start()
+        assert first_chunk.wait(300) and "error" not in received, received
+        assert cluster.admin_instances()[decode_url]["in_flight_requests"] == 1
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        started = time.monotonic()
+        result = cluster.pdserve("restart", "decode-0", timeout_s=1400)
+        took = time.monotonic() - started
+    finally:
+        release.touch()  # never leave the engine held
+        watching.set()
+        (freeze_dir / "plan.json").unlink(missing_ok=True)
     watcher.join(timeout=10)
     streaming.join(timeout=600)
     cluster.remember_processes()
@@ -484,13 +518,13 @@ def test_restart_of_a_decode_under_a_stream_loses_nothing(cluster: Cluster) -> N
     assert "back in rotation" in lines[0] and "drain timed out" not in lines[0], lines[0]
     print(f"\n{lines[0]} (command {took:.1f} s)")
 
+    # The drain waited while the stream was on it, and nothing else was.
+    assert (True, 1) in views, views[:20]
+    assert all(in_flight <= 1 for _, in_flight in views), views
     # The client's stream was complete: every token, its finish reason, no error.
     assert "error" not in received, received
     assert received["finish"] == "length" and received["completion_tokens"] == max_tokens
     assert received["text"]
-    # The drain waited while the stream was on it, and nothing else was.
-    assert (True, 1) in views, views[:20]
-    assert all(in_flight <= 1 for _, in_flight in views), views
 
     assert cluster.worker_pid("decode-0") != old_pid
     deadline = time.monotonic() + 60  # the proxy's checks re-admit it within a few seconds

@@ -8,6 +8,9 @@ sample token ``k + 1``: the processor records the engine's process group in
 the ``k`` tokens of the earlier steps have already left the engine: the client receives exactly
 ``k`` tokens and no more, whatever the speed of the machine. The test then kills the group.
 
+With ``"until": PATH`` in the plan the engine is held only until that file exists, then
+goes on: the request stays in flight, unfinished, for exactly as long as the test wants.
+
 The plan matches on the whole prompt: a continuation of the same request (the prompt followed
 by the tokens generated so far) never matches, so the decode that continues it is not frozen.
 Matching on the prompt instead of a request field keeps the request exactly what a client
@@ -33,8 +36,8 @@ PLAN_FILE = "plan.json"
 class FreezeAfterTokens(LogitsProcessor):
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         self._dir = Path(os.environ[PLAN_DIR_ENV])
-        # batch index -> (k, the request's live list of output token ids)
-        self._tracked: dict[int, tuple[int, list[int]]] = {}
+        # batch index -> (k, the request's live list of output token ids, release file)
+        self._tracked: dict[int, tuple[int, list[int], str | None]] = {}
 
     def is_argmax_invariant(self) -> bool:
         # False: vLLM skips argmax-invariant processors for greedy requests.
@@ -45,24 +48,24 @@ class FreezeAfterTokens(LogitsProcessor):
 
     def _track(
         self, _params: Any, prompt_ids: list[int] | None, output_ids: list[int]
-    ) -> tuple[int, list[int]] | None:
+    ) -> tuple[int, list[int], str | None] | None:
         try:
             plan = json.loads((self._dir / PLAN_FILE).read_text())
         except FileNotFoundError:
             return None
         if prompt_ids is None or list(prompt_ids) != plan["prompt_token_ids"]:
             return None
-        return int(plan["k"]), output_ids
+        return int(plan["k"]), output_ids, plan.get("until")
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for k, output_ids in self._tracked.values():
+        for k, output_ids, until in self._tracked.values():
             if len(output_ids) == k:
-                self._freeze()
+                self._freeze(until)
         return logits
 
-    def _freeze(self) -> None:
+    def _freeze(self, until: str | None) -> None:
         group = os.getpgid(0)
         marker = self._dir / f"frozen-{group}"
         marker.write_text(str(group))
-        while True:
-            time.sleep(3600)
+        while until is None or not Path(until).exists():
+            time.sleep(0.05 if until else 3600)
