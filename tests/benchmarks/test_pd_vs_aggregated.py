@@ -351,6 +351,10 @@ def _members(sessions: set[int]) -> list[str]:
     return [f"{pid}: {cmd[:120]}" for pid, (sid, cmd) in _processes().items() if sid in sessions]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ctrl_c_during_startup_leaves_nothing(tmp_path: Path) -> None:
@@ -358,7 +362,14 @@ def test_ctrl_c_during_startup_leaves_nothing(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "benchmarks.pd_vs_aggregated", "--log-dir", str(log_dir)]
     argv += ["--out", str(tmp_path / "out.json")]
     process = subprocess.Popen(
-        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        argv,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        # As in a terminal: a suite started in the background by a shell without job control
+        # hands SIGINT down ignored, and the benchmark would then never see the Ctrl-C.
+        preexec_fn=_default_sigint,
     )
     sessions: set[int] = set()
     try:
