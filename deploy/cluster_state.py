@@ -262,3 +262,15 @@ def get_controller(state: ClusterState) -> Any:
     from deploy.controller import CONTROLLER_NAME
 
     return ray.get_actor(CONTROLLER_NAME, namespace=state.namespace)
+
+
+def reach_controller(state_dir_value: str | None, command: str) -> tuple[ClusterState, Any]:
+    """The running cluster's state and its controller's handle, Ray connected for ``command``.
+
+    Raises ValueError with one line for a user: no running cluster, or no controller."""
+    state = require_running(state_dir(state_dir_value))
+    try:
+        connect(state, command)
+        return state, get_controller(state)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"cannot reach the cluster's controller: {exc}") from None

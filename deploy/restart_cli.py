@@ -18,13 +18,7 @@ import time
 from typing import Any
 
 from deploy.cli import CliError
-from deploy.cluster_state import (
-    add_state_dir_argument,
-    connect,
-    get_controller,
-    require_running,
-    state_dir,
-)
+from deploy.cluster_state import add_state_dir_argument, reach_controller
 from deploy.scale_cli import ray_error_message
 
 # Instance names as the controller makes them (deploy.controller.Controller._plan).
@@ -49,18 +43,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.timeout <= 0:
         raise CliError(f"--timeout: must be > 0, got {args.timeout:g}")
-    directory = state_dir(args.state_dir)
-    try:
-        state = require_running(directory)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
     import ray  # after the checks above: a mistake is reported without waiting for it
 
     try:
-        connect(state, "restart")
-        controller = get_controller(state)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise CliError(f"cannot reach the cluster's controller: {exc}") from None
+        _state, controller = reach_controller(args.state_dir, "restart")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     started = time.monotonic()
     try:
         result = ray.get(controller.restart.remote(args.name), timeout=args.timeout)

@@ -13,13 +13,7 @@ import argparse
 import time
 
 from deploy.cli import CliError
-from deploy.cluster_state import (
-    add_state_dir_argument,
-    connect,
-    get_controller,
-    require_running,
-    state_dir,
-)
+from deploy.cluster_state import add_state_dir_argument, reach_controller
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,16 +34,10 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise CliError(f"--{flag}: must be >= 0, got {value}")
-    directory = state_dir(args.state_dir)
     try:
-        state = require_running(directory)
+        _state, controller = reach_controller(args.state_dir, "scale")
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    try:
-        connect(state, "scale")
-        controller = get_controller(state)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise CliError(f"cannot reach the cluster's controller: {exc}") from None
     started = time.monotonic()
     try:
         result = ray.get(controller.scale.remote(args.prefill, args.decode), timeout=args.timeout)

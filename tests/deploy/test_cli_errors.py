@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deploy import cluster_state
 from deploy.cli import main
 
 # The installed console script (`python -m deploy.cli` would define a second CliError class).
@@ -158,7 +159,6 @@ def test_restart_failures_are_one_line(
     """What the controller says reaches the user as one line, without Ray's traceback."""
     import ray
 
-    from deploy import restart_cli
     from deploy.cluster_state import ClusterState, write_state
     from deploy.controller import ControllerError
 
@@ -195,8 +195,8 @@ def test_restart_failures_are_one_line(
         cause = ControllerError("no instance 'decode-7' (instances: decode-0, prefill-0)")
         raise ray.exceptions.RayTaskError("restart", "Traceback (most recent call last):", cause)
 
-    monkeypatch.setattr(restart_cli, "connect", lambda state, command: None)
-    monkeypatch.setattr(restart_cli, "get_controller", lambda state: FakeController())
+    monkeypatch.setattr(cluster_state, "connect", lambda state, command: None)
+    monkeypatch.setattr(cluster_state, "get_controller", lambda state: FakeController())
     monkeypatch.setattr(ray, "get", get)
     code = main(["restart", "decode-7", "--timeout", "5", "--state-dir", str(tmp_path)])
     assert code == 2 and asked == ["decode-7"]
