@@ -23,8 +23,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "added latency and CPU per request of the proxy, against fake workers",
     ),
     "kv": ("benchmarks.kv_transfer", "KV transfer throughput and latency"),
-    "load": ("benchmarks.loadgen", "closed-loop OpenAI load against any server"),
-    "pd": ("benchmarks.pd_vs_aggregated", "1P1D behind the proxy vs one aggregated vLLM engine"),
+    "pd": (
+        "benchmarks.pd_vs_aggregated",
+        "goodput under SLOs: 1P1D vs 2 aggregated engines on the same cores (vllm bench serve)",
+    ),
     "faults": ("benchmarks.faults", "one fault at a time under load on a 2P2D `pdserve up`"),
 }
 

@@ -53,7 +53,7 @@ import threading
 import time
 import urllib.error
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +68,6 @@ from benchmarks.pd_vs_aggregated import (
     _positive,
     _positive_int,
     metric_sum,
-    prompt_token_ids,
     signals_as_interrupt,
     start_engine,
     wait_engine,
@@ -432,6 +431,45 @@ def problems_of(report: Mapping[str, Any]) -> list[str]:
     if report.get("leftover_processes"):
         problems.append(f"processes outlived their stop: {report['leftover_processes']}")
     return problems
+
+
+# -- prompts --------------------------------------------------------------------------------
+
+# Prompts are cut from this text, repeated, so they are ordinary tokens of the tokenizer.
+_PROMPT_TEXT = (
+    "Prefill reads the whole prompt at once and writes the key and value cache for every "
+    "token; decode then produces one token at a time and reads that cache again and again. "
+    "The quick brown fox jumps over the lazy dog, and the weather today is sunny with a "
+    "light breeze from the west. Explain how a computer network sends data from one machine "
+    "to another, step by step, in simple words. "
+)
+
+
+def prompt_token_ids(model: Path, lengths: Sequence[int]) -> dict[int, list[int]]:
+    """Token-id prompts of exactly each length, cut from ordinary text of the model's tokenizer."""
+    encode = _encoder(model)
+    longest = max(lengths)
+    text = _PROMPT_TEXT
+    ids = encode(text)
+    if not ids:
+        raise BenchError(f"model: the tokenizer of {model} encodes the prompt text to nothing")
+    while len(ids) < longest:
+        text += _PROMPT_TEXT
+        ids = encode(text)
+    return {length: ids[:length] for length in lengths}
+
+
+def _encoder(model: Path) -> Callable[[str], list[int]]:
+    tokenizer_file = model / "tokenizer.json"
+    if tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_file(str(tokenizer_file))
+        return lambda text: list(fast.encode(text, add_special_tokens=False).ids)
+    from transformers import AutoTokenizer
+
+    slow = AutoTokenizer.from_pretrained(str(model))
+    return lambda text: list(slow.encode(text, add_special_tokens=False))
 
 
 # -- talking to the engines -------------------------------------------------------------------

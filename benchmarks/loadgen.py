@@ -9,17 +9,17 @@ The client is deliberately cheap: it does not parse SSE payloads as JSON, it onl
 splits lines and looks at the ``data:`` prefix, because on a small box the load
 generator shares the cores with what it measures.
 
-Used as a library (:func:`run_load`) by the other benchmarks and tests, and as
-``pdserve bench load`` / ``python -m benchmarks.loadgen`` from the shell.
+A library (:func:`run_load`) for ``pdserve bench proxy``, which needs a client that costs
+next to nothing on the cores it shares with the proxy it measures. Serving load against
+real engines is vLLM's own benchmark (``vllm bench serve``, see
+:mod:`benchmarks.vllm_bench`), which replaced this module's command line: same closed loop
+with ``--max-concurrency N --request-rate inf``, open loop with ``--request-rate``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import math
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -333,99 +333,3 @@ async def _send_stream(
     samples.ttft.append(first - started)
     samples.itl.extend(gaps)
     samples.events += events
-
-
-# -- report -------------------------------------------------------------------------------
-
-
-def format_result(result: LoadResult) -> str:
-    def ms(stats: Percentiles | None, attr: str) -> str:
-        return "-" if stats is None else f"{getattr(stats, attr) * 1000:.3f}"
-
-    lines = [
-        f"requests {result.requests}  ok {result.ok}  errors {result.errors}  "
-        f"wall {result.wall_s:.2f}s  {result.requests_per_s:.1f} req/s",
-        f"{'metric':<8} {'p50 ms':>10} {'p90 ms':>10} {'p99 ms':>10} {'max ms':>10}",
-    ]
-    for name, stats in (("ttft", result.ttft), ("itl", result.itl), ("e2e", result.e2e)):
-        lines.append(
-            f"{name:<8} {ms(stats, 'p50'):>10} {ms(stats, 'p90'):>10} "
-            f"{ms(stats, 'p99'):>10} {ms(stats, 'max'):>10}"
-        )
-    if result.error_samples:
-        lines.append("errors: " + " | ".join(result.error_samples))
-    return "\n".join(lines)
-
-
-# -- command line -------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--api", choices=["completions", "chat"], default="completions")
-    parser.add_argument("--stream", action="store_true", help="request SSE streaming")
-    parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--duration", type=float, default=None, help="seconds (default 10)")
-    parser.add_argument("--requests", type=int, default=None, help="stop after this many")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up requests per worker")
-    parser.add_argument("--model", default="pdserve-bench")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer")
-    parser.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
-    parser.add_argument("--out", default=None, help="write the result as JSON here")
-
-
-def run(args: argparse.Namespace) -> int:
-    from deploy.cli import CliError
-
-    duration = args.duration
-    if duration is None and args.requests is None:
-        duration = 10.0
-    spec = LoadSpec(
-        base_url=args.url,
-        api=args.api,
-        stream=args.stream,
-        concurrency=args.concurrency,
-        duration_s=duration,
-        requests=args.requests,
-        warmup_per_worker=max(0, args.warmup),
-        model=args.model,
-        prompt=args.prompt,
-        max_tokens=args.max_tokens,
-        headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {},
-        timeout_s=args.timeout,
-    )
-    try:
-        spec.validate()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    result = _run_with_uvloop(run_load(spec))
-    print(format_result(result))
-    if args.out:
-        from pathlib import Path
-
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))
-        print(f"wrote {path}")
-    return 0 if result.ok > 0 and result.errors == 0 else 1
-
-
-def _run_with_uvloop(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a core dependency
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from benchmarks.cli import standalone
-
-    return standalone(sys.modules[__name__], argv)
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())

@@ -1,34 +1,36 @@
-"""PD disaggregation against one aggregated engine: the same streamed load through both.
+"""PD disaggregation against aggregated serving on equal hardware: goodput under SLOs.
 
-Two setups of real vLLM CPU engines on the same model (the generated tiny model, or
-``--model DIR``):
+Setups, each on the same two cores (``--cores``, default ``0,1``), each behind the same
+pdserve proxy, one after the other with nothing else running:
 
-* **pd**: one prefill worker (KV producer, ``--prefill-core``) and one decode worker
-  (KV consumer, ``--decode-core``) behind the real pdserve proxy (``pdserve proxy``);
-* **aggregated**: one plain vLLM engine (no connector, ``--aggregated-core``).
+* **pd**: one prefill engine (KV producer) on the first core, one decode engine (KV consumer)
+  on the second;
+* **aggregated**: two plain vLLM engines, one per core, balanced by ``least_load``;
+* **aggregated-wide** (``--wide``): one plain engine on both cores.
 
-For every prompt length and concurrency, :mod:`benchmarks.loadgen` runs the same
-closed-loop streamed ``/v1/completions`` load (token-id prompts of exactly that length,
-``max_tokens`` output tokens with ``ignore_eos``) against each setup, and the table shows
-TTFT p50/p99, inter-token latency p50/p99, E2E p50 and request and token rates side by side.
+The load is vLLM's own serving benchmark (``vllm bench serve``, :mod:`benchmarks.vllm_bench`):
+open-loop Poisson arrivals at each rate of ``--rates``, a mixed workload whose prompt and
+output lengths are log-normal with the medians of a published chat trace
+(:mod:`benchmarks.workload`), prefix caching on with a shared system prompt on a stated
+share of the requests. Every run's ``vllm bench serve`` command is in the JSON, so any
+figure can be repeated by hand.
 
-Fairness: prefix caching is off on all engines, because the load generator repeats one
-prompt per point and a cache hit would turn prefill (and the KV transfer) into a no-op.
-By default the aggregated phase runs after the PD engines are stopped, so it has the box to
-itself (``--aggregated-phase idle`` keeps all three engines up and runs each phase with the
-other setup idle). With the default cores PD runs on two cores and the aggregated engine
-on one: the figures compare engine-for-core, not equal hardware; give the aggregated
-engine more with ``--aggregated-core 0-1`` where that is allowed.
+Per setup and rate: TTFT, TPOT and E2E percentiles, throughput, and the share of requests
+meeting both SLOs (``--ttft-slo-ms``, ``--tpot-slo-ms``). Goodput is the highest rate at which
+that share reaches ``--attainment`` (90 %); the report gives each setup's goodput and PD's
+ratio over the aggregated setups. For PD it also reads the proxy's and the decode's counters
+around every run: every request must have taken the disaggregated path and pulled its KV,
+with no fallback, recompute or transfer failure.
 
-After the PD phase the proxy's ``pdserve_requests_total`` and the workers'
-``pdserve_kv_transfer_bytes_total`` are read back, so the report says whether the PD runs
-really went through the prefill leg and a KV transfer rather than a fallback.
+The default model is the generated ``small`` preset (``pdserve make-tiny-model --preset
+small``), in which a long prefill costs tens of decode steps as on real models; ``--model``
+takes any local HF model directory.
 
 Everything the benchmark starts runs in its own process group and is stopped on exit, on
 errors, on Ctrl-C and on SIGTERM/SIGHUP; the report lists any process group that outlived
 its stop (there should be none).
 
-    pdserve bench pd [--prompt-tokens 64,512,1024] [--concurrency 1,4] [--duration 20]
+    pdserve bench pd [--rates 0.5,1,2] [--ttft-slo-ms 2000] [--tpot-slo-ms 50] [--wide] [--quick]
     python -m benchmarks.pd_vs_aggregated --help
 """
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import secrets
@@ -51,9 +54,21 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from benchmarks.loadgen import LoadResult, LoadSpec, run_load
+from benchmarks import goodput as gp
+from benchmarks.vllm_bench import ServeRun, VllmBenchError, run_serve
+from benchmarks.workload import (
+    TRACE_SOURCE,
+    WorkloadError,
+    WorkloadRequest,
+    add_workload_arguments,
+    render_prompts,
+    single_token_words,
+    summary,
+    workload_from_args,
+    write_vllm_custom_jsonl,
+)
 from deploy.worker_launch import (
     WorkerConfigError,
     WorkerSpec,
@@ -66,17 +81,17 @@ from deploy.worker_launch import (
 )
 
 DEFAULT_OUT = Path("benchmarks/results/pd_vs_aggregated.json")
-SETUPS = ("pd", "aggregated")
-AggregatedPhase = Literal["stopped", "idle"]
-
-# Prompts are cut from this text, repeated, so they are ordinary tokens of the tokenizer.
-_PROMPT_TEXT = (
-    "Prefill reads the whole prompt at once and writes the key and value cache for every "
-    "token; decode then produces one token at a time and reads that cache again and again. "
-    "The quick brown fox jumps over the lazy dog, and the weather today is sunny with a "
-    "light breeze from the west. Explain how a computer network sends data from one machine "
-    "to another, step by step, in simple words. "
-)
+SETUP_NAMES = ("pd", "aggregated", "aggregated-wide")
+DEFAULT_RATES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+# Defaults sized to the small preset on one CPU core, before any measurement under load: a
+# median prompt (255 tokens) prefills in about 0.3 s and a decode step at batch 8 takes about
+# 16 ms, so the SLOs allow a few prefills' worth of queueing before the first token and about
+# 3 decode steps per token.
+DEFAULT_TTFT_SLO_MS = 2000.0
+DEFAULT_TPOT_SLO_MS = 50.0
+# Goodput is recomputed for these SLO pairs from the same runs (the report's slo_grid).
+GRID_TTFT_SLOS_MS = (1000.0, 2000.0, 4000.0)
+GRID_TPOT_SLOS_MS = (20.0, 30.0, 50.0, 100.0)
 
 # Only what the flags cannot say: no admin listener, so no fixed port to collide on.
 _PROXY_CONFIG = "proxy:\n  admin:\n    port: null\n"
@@ -193,7 +208,17 @@ class EngineSettings:
     secret: str
 
 
-def start_engine(processes: ProcessSet, role: str, core: str, settings: EngineSettings) -> Started:
+def start_engine(
+    processes: ProcessSet,
+    role: str,
+    core: str,
+    settings: EngineSettings,
+    name: str | None = None,
+    *,
+    prefix_caching: bool = False,
+) -> Started:
+    """One engine, logging to ``<log_dir>/<name>.log`` (``name`` defaults to ``role``)."""
+    name = name or role
     spec = WorkerSpec(
         role=role,  # type: ignore[arg-type]  # one of the three roles, checked by validate
         model=settings.model,
@@ -206,15 +231,17 @@ def start_engine(processes: ProcessSet, role: str, core: str, settings: EngineSe
         block_size=settings.block_size,
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
-        enable_prefix_caching=False,
+        enable_prefix_caching=prefix_caching,
+        # Equal hardware means each engine on its own cores, all of its processes included.
+        pin_process_tree=True,
     )
-    log_path = processes.log_dir / f"{role}.log"
+    log_path = processes.log_dir / f"{name}.log"
     try:
         process = start_worker(spec, log_path=log_path)
     except WorkerConfigError as exc:
-        raise BenchError(f"{role} engine: {exc}") from None
+        raise BenchError(f"{name} engine: {exc}") from None
     return processes.add(
-        Started(role, spec.url, process, log_path, stopper=lambda p: stop_worker(p, grace_s=20.0))
+        Started(name, spec.url, process, log_path, stopper=lambda p: stop_worker(p, grace_s=20.0))
     )
 
 
@@ -227,13 +254,19 @@ def wait_engine(started: Started, timeout_s: float) -> None:
     started.ready_s = time.monotonic() - started.started_at
 
 
-def start_proxy(processes: ProcessSet, prefill: Started, decode: Started) -> Started:
+def start_proxy(
+    processes: ProcessSet, prefill: Sequence[Started], decode: Sequence[Started]
+) -> Started:
+    """The pdserve proxy in front of ``decode`` (and ``prefill``: without it every request
+    takes the aggregated path, straight to a decode-pool engine, picked by ``least_load``)."""
     port = free_port()
     config = processes.log_dir / "proxy.yaml"
     config.write_text(_PROXY_CONFIG)
     argv = [sys.executable, "-m", "deploy.cli", "proxy", "--config", str(config)]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--prefill", prefill.url, "--decode", decode.url]
+    if prefill:
+        argv += ["--prefill", *(engine.url for engine in prefill)]
+    argv += ["--decode", *(engine.url for engine in decode)]
     log_path = processes.log_dir / "proxy.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -274,157 +307,57 @@ def wait_serving(started: Started, probe: dict[str, Any], timeout_s: float) -> N
     )
 
 
-# -- prompts --------------------------------------------------------------------------------
+# -- setups ---------------------------------------------------------------------------------
 
 
-def prompt_token_ids(model: Path, lengths: Sequence[int]) -> dict[int, list[int]]:
-    """Token-id prompts of exactly each length, cut from ordinary text of the model's tokenizer."""
-    encode = _encoder(model)
-    longest = max(lengths)
-    text = _PROMPT_TEXT
-    ids = encode(text)
-    if not ids:
-        raise BenchError(f"model: the tokenizer of {model} encodes the prompt text to nothing")
-    while len(ids) < longest:
-        text += _PROMPT_TEXT
-        ids = encode(text)
-    return {length: ids[:length] for length in lengths}
+@dataclass(frozen=True)
+class EngineRole:
+    name: str  # also its log file's name
+    role: str  # prefill | decode | aggregated
+    core: str  # VLLM_CPU_OMP_THREADS_BIND
 
 
-def _encoder(model: Path) -> Callable[[str], list[int]]:
-    tokenizer_file = model / "tokenizer.json"
-    if tokenizer_file.is_file():
-        from tokenizers import Tokenizer
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    description: str
+    engines: tuple[EngineRole, ...]
 
-        fast = Tokenizer.from_file(str(tokenizer_file))
-        return lambda text: list(fast.encode(text, add_special_tokens=False).ids)
-    from transformers import AutoTokenizer
-
-    slow = AutoTokenizer.from_pretrained(str(model))
-    return lambda text: list(slow.encode(text, add_special_tokens=False))
+    @property
+    def prefill(self) -> tuple[EngineRole, ...]:
+        return tuple(e for e in self.engines if e.role == "prefill")
 
 
-# -- measuring ------------------------------------------------------------------------------
-
-
-@dataclass
-class PointResult:
-    setup: str  # pd | aggregated
-    prompt_tokens: int
-    concurrency: int
-    requests: int
-    ok: int
-    errors: int
-    wall_s: float
-    requests_per_s: float
-    # ignore_eos makes every successful request produce exactly max_tokens tokens.
-    output_tokens_per_s: float
-    # SSE content chunks per request: fewer than max_tokens when vLLM sends several tokens
-    # in one chunk (it does when its output loop falls behind), so ITL is per chunk.
-    chunks_per_request: float
-    # Milliseconds; None when nothing succeeded.
-    ttft_p50_ms: float | None
-    ttft_p99_ms: float | None
-    itl_p50_ms: float | None  # gaps between content chunks
-    itl_p99_ms: float | None
-    # Time per output token after the first: (mean E2E - mean TTFT) / (max_tokens - 1),
-    # exact for means, and immune to chunk coalescing.
-    tpot_mean_ms: float | None
-    e2e_p50_ms: float | None
-    e2e_p99_ms: float | None
-    load_average_1m: float  # at the start of the point: other work on the box
-    status_counts: dict[str, int] = field(default_factory=dict)
-    error_samples: list[str] = field(default_factory=list)
-
-
-def _ms(stats: Any, attr: str) -> float | None:
-    return None if stats is None else float(getattr(stats, attr)) * 1000.0
-
-
-def point_result(
-    setup: str,
-    prompt_tokens: int,
-    concurrency: int,
-    max_tokens: int,
-    result: LoadResult,
-    load_1m: float,
-) -> PointResult:
-    tpot = None
-    if result.e2e is not None and result.ttft is not None and max_tokens > 1:
-        tpot = (result.e2e.mean - result.ttft.mean) / (max_tokens - 1) * 1000.0
-    return PointResult(
-        setup=setup,
-        prompt_tokens=prompt_tokens,
-        concurrency=concurrency,
-        requests=result.requests,
-        ok=result.ok,
-        errors=result.errors,
-        wall_s=result.wall_s,
-        requests_per_s=result.requests_per_s,
-        output_tokens_per_s=result.ok * max_tokens / result.wall_s if result.wall_s > 0 else 0.0,
-        chunks_per_request=result.content_events_per_request,
-        ttft_p50_ms=_ms(result.ttft, "p50"),
-        ttft_p99_ms=_ms(result.ttft, "p99"),
-        itl_p50_ms=_ms(result.itl, "p50"),
-        itl_p99_ms=_ms(result.itl, "p99"),
-        tpot_mean_ms=tpot,
-        e2e_p50_ms=_ms(result.e2e, "p50"),
-        e2e_p99_ms=_ms(result.e2e, "p99"),
-        load_average_1m=load_1m,
-        status_counts=result.status_counts,
-        error_samples=result.error_samples,
-    )
-
-
-def load_spec(url: str, prompt: list[int], concurrency: int, args: argparse.Namespace) -> LoadSpec:
-    return LoadSpec(
-        base_url=url,
-        api="completions",
-        stream=True,
-        concurrency=concurrency,
-        duration_s=args.duration,
-        requests=args.max_requests,
-        warmup_per_worker=args.warmup,
-        model=args.served_model_name,
-        max_tokens=args.max_tokens,
-        # Token ids give the exact prompt length; ignore_eos the exact output length, so
-        # both setups do the same work whatever the random weights would emit.
-        extra_body={"prompt": prompt, "ignore_eos": True},
-        timeout_s=args.request_timeout,
-    )
-
-
-def measure(
-    setup: str,
-    service: Started,
-    watched: Sequence[Started],
-    prompts: dict[int, list[int]],
-    args: argparse.Namespace,
-) -> list[PointResult]:
-    import uvloop
-
-    results = []
-    for prompt_tokens in args.prompt_tokens:
-        for concurrency in args.concurrency:
-            print(
-                f"  {setup:<10} prompt {prompt_tokens:>5}  c={concurrency:<3} "
-                f"up to {args.duration:g}s ...",
-                file=sys.stderr,
-                flush=True,
+def build_setups(cores: tuple[int, int], wide: bool) -> list[Setup]:
+    first, second = (str(core) for core in cores)
+    both = f"{first}-{second}" if cores[1] == cores[0] + 1 else f"{first},{second}"
+    setups = [
+        Setup(
+            "pd",
+            f"1 prefill (core {first}) + 1 decode (core {second}) behind the proxy",
+            (EngineRole("prefill", "prefill", first), EngineRole("decode", "decode", second)),
+        ),
+        Setup(
+            "aggregated",
+            f"2 aggregated engines (cores {first} and {second}) behind the proxy, least_load",
+            (
+                EngineRole("aggregated-0", "aggregated", first),
+                EngineRole("aggregated-1", "aggregated", second),
+            ),
+        ),
+    ]
+    if wide:
+        setups.append(
+            Setup(
+                "aggregated-wide",
+                f"1 aggregated engine on cores {both} behind the proxy",
+                (EngineRole("aggregated-wide", "aggregated", both),),
             )
-            load_1m = os.getloadavg()[0]
-            spec = load_spec(service.url, prompts[prompt_tokens], concurrency, args)
-            result = uvloop.run(run_load(spec))
-            results.append(
-                point_result(setup, prompt_tokens, concurrency, args.max_tokens, result, load_1m)
-            )
-            for process in watched:
-                if process.process.poll() is not None:
-                    raise BenchError(
-                        f"{process.name} exited with status {process.process.returncode} "
-                        f"during the {setup} runs (log: {process.log_path})"
-                    )
-    return results
+        )
+    return setups
+
+
+# -- counters -------------------------------------------------------------------------------
 
 
 def metric_sum(url: str, prefix: str, labels: dict[str, str] | None = None) -> float | None:
@@ -446,30 +379,280 @@ def metric_sum(url: str, prefix: str, labels: dict[str, str] | None = None) -> f
     return total
 
 
-def pd_check(proxy: Started, prefill: Started, decode: Started) -> dict[str, Any]:
-    """Whether the PD runs went through the prefill leg and a KV transfer."""
-    counts = {
-        path: metric_sum(proxy.url, "pdserve_requests_total", {"path": path})
-        for path in ("disaggregated", "aggregated", "fallback")
+_PATHS = ("disaggregated", "aggregated", "fallback")
+
+
+def read_counters(proxy: Started, engines: Sequence[Started]) -> dict[str, float]:
+    """The proxy's requests by path and the engines' KV-transfer counters (summed)."""
+    counters = {
+        f"proxy_{path}": metric_sum(proxy.url, "pdserve_requests_total", {"path": path}) or 0.0
+        for path in _PATHS
     }
-    check: dict[str, Any] = {
-        "proxy_requests_by_path": counts,
-        "decode_kv_transfer_bytes": metric_sum(decode.url, "pdserve_kv_transfer_bytes_total"),
-        "prefill_kv_transfer_bytes": metric_sum(prefill.url, "pdserve_kv_transfer_bytes_total"),
+    names = {
+        "kv_bytes": "pdserve_kv_transfer_bytes_total",
+        "kv_pulls": "pdserve_kv_transfer_seconds_count",
+        "kv_failures": "pdserve_kv_transfer_failures_total",
+        "kv_recomputed_requests": "pdserve_kv_recomputed_requests_total",
+        "kv_leases_expired": "pdserve_kv_leases_expired_total",
     }
-    moved = max(check["decode_kv_transfer_bytes"] or 0.0, check["prefill_kv_transfer_bytes"] or 0.0)
-    # "aggregated" (prompt under disagg_min_prompt_tokens) and "fallback" (no healthy prefill
-    # instance) both skip the prefill leg: either means the PD figures are not pure PD.
-    skipped = (counts["aggregated"] or 0.0) + (counts["fallback"] or 0.0)
-    check["ok"] = bool(counts["disaggregated"]) and not skipped and moved > 0
-    return check
+    for key, name in names.items():
+        counters[key] = sum(metric_sum(engine.url, name) or 0.0 for engine in engines)
+    return counters
+
+
+def counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: after[key] - before.get(key, 0.0) for key in after}
+
+
+def settled_delta(
+    proxy: Started,
+    engines: Sequence[Started],
+    before: dict[str, float],
+    requests: int,
+    pd: bool,
+    timeout_s: float = 30.0,
+) -> dict[str, float]:
+    """The counters' change over a run of ``requests`` requests, once they show all of them.
+
+    The client has its last byte before the proxy records the request and before vLLM ships
+    the decode's transfer stats to its /metrics, so reading at once would miss the last ones.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        delta = counter_delta(before, read_counters(proxy, engines))
+        counted = sum(delta[f"proxy_{path}"] for path in _PATHS)
+        if counted >= requests and (not pd or pd_check(delta, requests)[0]):
+            return delta
+        if time.monotonic() >= deadline:
+            return delta
+        time.sleep(0.5)
+
+
+def pd_check(delta: dict[str, float], requests: int) -> tuple[bool, str]:
+    """Whether ``requests`` PD requests all went through the prefill leg and a KV pull."""
+    problems = []
+    if delta["proxy_disaggregated"] < requests:
+        problems.append(f"{delta['proxy_disaggregated']:.0f} of {requests} disaggregated")
+    for key in ("proxy_aggregated", "proxy_fallback", "kv_failures", "kv_recomputed_requests"):
+        if delta[key]:
+            problems.append(f"{key} {delta[key]:.0f}")
+    # A request pulls at least once (a pull is one transfer; a long prompt may take several).
+    if delta["kv_pulls"] < requests:
+        problems.append(f"{delta['kv_pulls']:.0f} KV pulls for {requests} requests")
+    return (not problems, "; ".join(problems) or "ok")
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+@dataclass
+class RatePoint:
+    setup: str
+    rate: float  # offered requests per second (Poisson)
+    num_prompts: int
+    completed: int
+    failed: int
+    duration_s: float
+    request_throughput: float
+    output_throughput: float
+    # Milliseconds, from vLLM's result (its own percentile code).
+    ttft_ms: dict[str, float]  # p50, p90, p99
+    tpot_ms: dict[str, float]
+    e2e_ms: dict[str, float]
+    attainment: float  # share of the requests sent meeting both SLOs
+    vllm_request_goodput: float | None  # vLLM's own count: good requests / duration
+    command: str  # the vllm bench serve command of this run
+    counters: dict[str, float] = field(default_factory=dict)
+    pd_path_ok: bool | None = None  # None: not a PD setup
+    pd_path_detail: str = ""
+    # Per request sent, in the order of ``requests`` (None: it failed): the TPOT CDF, and
+    # attainment at other SLOs after the fact. TPOT is 0 for one-token answers, as in vLLM.
+    ttfts_ms: list[float | None] = field(default_factory=list)
+    tpots_ms: list[float | None] = field(default_factory=list)
+    # The run as it happened, for replaying it (``pdserve plan validate``): when each request
+    # was sent (seconds from the first) and its [prompt, output, shared prefix] tokens.
+    arrivals_s: list[float] = field(default_factory=list)
+    requests: list[list[int]] = field(default_factory=list)
+    # Whether vLLM counted exactly the prompt lengths the workload drew, request by request.
+    lengths_exact: bool = True
+    load_average_1m: float = 0.0
+
+
+def _percentiles(result: dict[str, Any], metric: str) -> dict[str, float]:
+    return {f"p{q}": float(result.get(f"p{q}_{metric}_ms") or 0.0) for q in (50, 90, 99)}
+
+
+def rate_point(
+    setup: Setup,
+    dataset: RateDataset,
+    run: ServeRun,
+    result: dict[str, Any],
+    counters: dict[str, float],
+    slo: tuple[float, float],
+    load_1m: float,
+) -> RatePoint:
+    outcomes = gp.outcomes_from_vllm(result)
+    starts = [float(t) for t in result.get("start_times") or []]
+    point = RatePoint(
+        setup=setup.name,
+        rate=dataset.rate,
+        num_prompts=run.num_prompts,
+        completed=int(result.get("completed", 0)),
+        failed=int(result.get("failed", 0)),
+        duration_s=float(result.get("duration", 0.0)),
+        request_throughput=float(result.get("request_throughput", 0.0)),
+        output_throughput=float(result.get("output_throughput", 0.0)),
+        ttft_ms=_percentiles(result, "ttft"),
+        tpot_ms=_percentiles(result, "tpot"),
+        e2e_ms=_percentiles(result, "e2el"),
+        attainment=gp.attainment(outcomes, slo[0] / 1000.0, slo[1] / 1000.0),
+        vllm_request_goodput=result.get("request_goodput"),
+        command=run.command(),
+        counters=counters,
+        ttfts_ms=[o.ttft_s * 1000.0 if o.ok else None for o in outcomes],
+        tpots_ms=[o.tpot_s * 1000.0 if o.ok else None for o in outcomes],
+        arrivals_s=[t - min(starts) for t in starts] if starts else [],
+        requests=[
+            [r.prompt_tokens, r.output_tokens, r.shared_prefix_tokens] for r in dataset.requests
+        ],
+        lengths_exact=list(result.get("input_lens") or [])
+        == [r.prompt_tokens for r in dataset.requests],
+        load_average_1m=load_1m,
+    )
+    if setup.prefill:
+        # Exactly the measured requests: vLLM's ready-check request is off (the setup was
+        # checked before) and the counters are read around the run.
+        point.pd_path_ok, point.pd_path_detail = pd_check(counters, run.num_prompts)
+    return point
+
+
+@dataclass(frozen=True)
+class RateDataset:
+    rate: float
+    path: Path
+    requests: tuple[WorkloadRequest, ...]  # in the file's order, which vLLM keeps
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.requests)
+
+
+def prompts_for_rate(rate: float, args: argparse.Namespace) -> int:
+    wanted = math.ceil(rate * args.seconds_per_rate)
+    return max(args.min_prompts, min(args.max_prompts, wanted))
+
+
+def build_datasets(
+    model: Path, requests: Sequence[WorkloadRequest], args: argparse.Namespace, workdir: Path
+) -> list[RateDataset]:
+    """One vLLM custom dataset per rate: the same lengths, distinct text, the same shared
+    prefix, so no rate gets cache hits from the prompts of another."""
+    encode, decode, vocab, specials = _tokenizer(model)
+    words = single_token_words(encode, decode, range(vocab))
+    datasets = []
+    for index, rate in enumerate(args.rates):
+        count = prompts_for_rate(rate, args)
+        chosen = list(requests[:count])
+        if len(chosen) < count:
+            raise WorkloadError(f"the workload has {len(requests)} requests, {count} needed")
+        texts = render_prompts(chosen, words, args.seed + 1 + index, encode, specials,
+                               prefix_seed=args.seed)  # fmt: skip
+        path = workdir / f"workload-rate{index}.jsonl"
+        write_vllm_custom_jsonl(path, texts, chosen)
+        datasets.append(RateDataset(rate, path, tuple(chosen)))
+    return datasets
+
+
+def _tokenizer(
+    model: Path,
+) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str], int, int]:
+    """encode (no special tokens), decode, vocabulary size, special tokens the server adds."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    specials = len(tokenizer("x").input_ids) - len(
+        tokenizer("x", add_special_tokens=False).input_ids
+    )
+    return (
+        lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
+        lambda ids: str(tokenizer.decode(ids)),
+        len(tokenizer),
+        specials,
+    )
+
+
+def measure_setup(
+    setup: Setup,
+    settings: EngineSettings,
+    datasets: Sequence[RateDataset],
+    args: argparse.Namespace,
+    processes: ProcessSet,
+    startup: dict[str, float | None],
+) -> list[RatePoint]:
+    print(f"{setup.name}: starting {setup.description} ...", file=sys.stderr, flush=True)
+    engines = [
+        start_engine(processes, e.role, e.core, settings, e.name, prefix_caching=True)
+        for e in setup.engines
+    ]
+    for engine in engines:
+        wait_engine(engine, args.startup_timeout)
+    prefill = [s for s, e in zip(engines, setup.engines, strict=True) if e.role == "prefill"]
+    decode = [s for s, e in zip(engines, setup.engines, strict=True) if e.role != "prefill"]
+    proxy = start_proxy(processes, prefill, decode)
+    probe = {"model": args.served_model_name, "prompt": "warm up", "max_tokens": 2}
+    for engine in decode:  # each engine once, then the whole path
+        wait_serving(engine, probe, args.startup_timeout)
+    wait_serving(proxy, probe, args.startup_timeout)
+    startup.update({engine.name: engine.ready_s for engine in engines})
+    points = []
+    try:
+        for index, dataset in enumerate(datasets):
+            print(
+                f"  {setup.name:<16} {dataset.rate:g} req/s, {dataset.num_prompts} requests ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            run = ServeRun(
+                base_url=proxy.url,
+                served_model_name=args.served_model_name,
+                tokenizer=settings.model,
+                dataset_jsonl=dataset.path,
+                num_prompts=dataset.num_prompts,
+                request_rate=dataset.rate,
+                seed=args.seed,
+                result_dir=processes.log_dir / "vllm-bench",
+                result_filename=f"{setup.name}-rate{index}.json",
+                ttft_slo_ms=args.ttft_slo_ms,
+                tpot_slo_ms=args.tpot_slo_ms,
+                label=setup.name,
+            )
+            load_1m = os.getloadavg()[0]
+            before = read_counters(proxy, engines)
+            timeout = args.request_timeout + 3 * dataset.num_prompts / dataset.rate + 120
+            try:
+                result = run_serve(run, processes.log_dir / "vllm-bench.log", timeout)
+            except VllmBenchError as exc:
+                raise BenchError(str(exc)) from None
+            delta = settled_delta(proxy, engines, before, dataset.num_prompts, bool(prefill))
+            slo = (args.ttft_slo_ms, args.tpot_slo_ms)
+            points.append(rate_point(setup, dataset, run, result, delta, slo, load_1m))
+            for started in (*engines, proxy):
+                if started.process.poll() is not None:
+                    raise BenchError(
+                        f"{started.name} exited with status {started.process.returncode} "
+                        f"during the {setup.name} runs (log: {started.log_path})"
+                    )
+    finally:
+        for started in (proxy, *reversed(engines)):
+            processes.stop(started)
+    return points
 
 
 # -- the benchmark --------------------------------------------------------------------------
 
 
 def engine_settings(args: argparse.Namespace, model: Path) -> EngineSettings:
-    longest = max(args.prompt_tokens) + args.max_tokens
+    longest = args.max_prompt_tokens + args.max_output_tokens
     block = args.block_size
     max_model_len = args.max_model_len or -(-(longest + 1) // block) * block
     return EngineSettings(
@@ -483,56 +666,84 @@ def engine_settings(args: argparse.Namespace, model: Path) -> EngineSettings:
     )
 
 
+def attainment_at(point: RatePoint, ttft_slo_ms: float, tpot_slo_ms: float) -> float:
+    """The share of ``point``'s requests that meet other SLOs than the run's."""
+    if not point.ttfts_ms:
+        return 0.0
+    met = sum(
+        1
+        for ttft, tpot in zip(point.ttfts_ms, point.tpots_ms, strict=True)
+        if ttft is not None and tpot is not None and ttft <= ttft_slo_ms and tpot <= tpot_slo_ms
+    )
+    return met / len(point.ttfts_ms)
+
+
+def slo_grid(
+    points: Sequence[RatePoint],
+    ttft_slos_ms: Sequence[float],
+    tpot_slos_ms: Sequence[float],
+    target: float,
+) -> list[dict[str, Any]]:
+    """Goodput of PD and of the 2 aggregated engines, and their ratio, for other SLO pairs:
+    where PD stops paying."""
+    rows = []
+    for ttft in ttft_slos_ms:
+        for tpot in tpot_slos_ms:
+            goodputs = {
+                name: gp.goodput(
+                    ((p.rate, attainment_at(p, ttft, tpot)) for p in points if p.setup == name),
+                    target,
+                )
+                for name in ("pd", "aggregated")
+            }
+            rows.append(
+                {
+                    "ttft_slo_ms": ttft,
+                    "tpot_slo_ms": tpot,
+                    "goodput_req_per_s": goodputs,
+                    "pd_over_aggregated": gp.ratio(goodputs["pd"], goodputs["aggregated"]),
+                }
+            )
+    return rows
+
+
+def summarise(points: Sequence[RatePoint], setups: Sequence[str], target: float) -> dict[str, Any]:
+    """Each setup's goodput, and PD's over each aggregated setup's."""
+    goodputs = {
+        name: gp.goodput(((p.rate, p.attainment) for p in points if p.setup == name), target)
+        for name in setups
+    }
+    ratios = {
+        f"pd_over_{name}": gp.ratio(goodputs["pd"], goodputs[name])
+        for name in setups
+        if name != "pd" and "pd" in goodputs
+    }
+    return {"goodput_req_per_s": goodputs, "ratios": ratios}
+
+
 def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     processes = ProcessSet(workdir)
-    results: list[PointResult] = []
+    points: list[RatePoint] = []
     load: dict[str, Any] = {"before": os.getloadavg()}
     startup: dict[str, float | None] = {}
-    check: dict[str, Any] = {}
-    phase: AggregatedPhase = args.aggregated_phase
+    setups = build_setups(args.cores, args.wide)
     try:
         with signals_as_interrupt():
             model = args.model
             if model is None:
-                from deploy.tiny_model import make_tiny_model
+                from deploy.tiny_model import PRESETS, make_tiny_model
 
-                model = make_tiny_model(workdir / "tiny-model")
+                model = make_tiny_model(workdir / f"{args.preset}-model", PRESETS[args.preset])
             settings = engine_settings(args, model)
-            prompts = prompt_token_ids(model, args.prompt_tokens)
-            probe = {
-                "model": args.served_model_name,
-                "prompt": prompts[min(args.prompt_tokens)],
-                "max_tokens": 2,
-            }
-            print(f"starting engines (logs in {workdir}) ...", file=sys.stderr, flush=True)
-            prefill = start_engine(processes, "prefill", args.prefill_core, settings)
-            decode = start_engine(processes, "decode", args.decode_core, settings)
-            aggregated = None
-            if phase == "idle":
-                aggregated = start_engine(processes, "aggregated", args.aggregated_core, settings)
-            for engine in (prefill, decode):
-                wait_engine(engine, args.startup_timeout)
-            proxy = start_proxy(processes, prefill, decode)
-            wait_serving(proxy, probe, args.startup_timeout)
-            startup.update(prefill=prefill.ready_s, decode=decode.ready_s, proxy=proxy.ready_s)
-
-            load["pd_start"] = os.getloadavg()
-            results += measure("pd", proxy, (prefill, decode, proxy), prompts, args)
-            check = pd_check(proxy, prefill, decode)
-            if phase == "stopped":
-                for started in (proxy, decode, prefill):
-                    processes.stop(started)
-                aggregated = start_engine(processes, "aggregated", args.aggregated_core, settings)
-            assert aggregated is not None
-            wait_engine(aggregated, args.startup_timeout)
-            wait_serving(aggregated, probe, args.startup_timeout)
-            startup["aggregated"] = aggregated.ready_s
-
-            load["aggregated_start"] = os.getloadavg()
-            results += measure("aggregated", aggregated, (aggregated,), prompts, args)
+            spec, requests = workload_from_args(args)
+            datasets = build_datasets(model, requests, args, workdir)
+            for setup in setups:
+                load[f"{setup.name}_start"] = os.getloadavg()
+                points += measure_setup(setup, settings, datasets, args, processes, startup)
             load["after"] = os.getloadavg()
     finally:
         processes.stop_all()
+    used = requests[: max(d.num_prompts for d in datasets)]
     return {
         "benchmark": "pd_vs_aggregated",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -544,117 +755,96 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "load_average": load,
         },
         "config": {
-            "model": "generated tiny model" if args.model is None else str(args.model),
+            "model": f"generated {args.preset} preset" if args.model is None else str(args.model),
             "served_model_name": args.served_model_name,
-            "prompt_tokens": args.prompt_tokens,
-            "concurrency": args.concurrency,
-            "max_tokens": args.max_tokens,
-            "duration_s": args.duration,
-            "max_requests": args.max_requests,
-            "warmup_per_worker": args.warmup,
-            "api": "completions",
-            "stream": True,
-            "ignore_eos": True,
-            "prefix_caching": False,
+            "setups": {setup.name: setup.description for setup in setups},
+            "rates": list(args.rates),
+            "prompts_per_rate": {f"{d.rate:g}": d.num_prompts for d in datasets},
+            "arrivals": "Poisson (vllm bench serve --burstiness 1)",
+            "ttft_slo_ms": args.ttft_slo_ms,
+            "tpot_slo_ms": args.tpot_slo_ms,
+            "attainment_target": args.attainment,
+            "workload": {
+                "source": TRACE_SOURCE if args.workload_jsonl is None else str(args.workload_jsonl),
+                "spec": asdict(spec),
+                "measured": summary(used),
+            },
+            "prefix_caching": True,
+            "api": "completions, streamed, ignore_eos, temperature 0",
             "block_size": settings.block_size,
             "dtype": settings.dtype,
             "max_model_len": settings.max_model_len,
             "kv_cache_gib": settings.kv_cache_gib,
-            "cores": {
-                "prefill": args.prefill_core,
-                "decode": args.decode_core,
-                "aggregated": args.aggregated_core,
-                "proxy_and_load_generator": "unbound",
-            },
-            "aggregated_phase": phase_description(phase),
+            "proxy_and_load_generator_cores": "unbound",
         },
         "startup_s": startup,
-        "pd_check": check,
         "leftover_processes": processes.leftovers,
-        "runs": [asdict(result) for result in results],
-        "comparison": compare(results),
+        "runs": [asdict(point) for point in points],
+        "summary": summarise(points, [s.name for s in setups], args.attainment),
+        "slo_grid": slo_grid(points, GRID_TTFT_SLOS_MS, GRID_TPOT_SLOS_MS, args.attainment),
     }
 
 
-def phase_description(phase: AggregatedPhase) -> str:
-    if phase == "stopped":
-        return "PD engines and proxy stopped: the aggregated engine ran alone"
-    return "all engines up: each setup measured while the other one was idle"
-
-
-def compare(results: Sequence[PointResult]) -> list[dict[str, Any]]:
-    """PD over aggregated, per point: below 1 means PD is lower (latency) or lower (rate)."""
-    by_key = {(r.setup, r.prompt_tokens, r.concurrency): r for r in results}
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None or b == 0 else a / b
-
-    rows = []
-    for (setup, prompt_tokens, concurrency), pd in by_key.items():
-        agg = by_key.get(("aggregated", prompt_tokens, concurrency))
-        if setup != "pd" or agg is None:
-            continue
-        rows.append(
-            {
-                "prompt_tokens": prompt_tokens,
-                "concurrency": concurrency,
-                "ttft_p50_pd_over_aggregated": ratio(pd.ttft_p50_ms, agg.ttft_p50_ms),
-                "itl_p50_pd_over_aggregated": ratio(pd.itl_p50_ms, agg.itl_p50_ms),
-                "e2e_p50_pd_over_aggregated": ratio(pd.e2e_p50_ms, agg.e2e_p50_ms),
-                "requests_per_s_pd_over_aggregated": ratio(pd.requests_per_s, agg.requests_per_s),
-            }
-        )
-    return rows
-
-
 def format_table(report: dict[str, Any]) -> str:
-    def num(value: float | None, digits: int = 1) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    header = (
-        f"{'setup':<10} {'prompt':>6} {'conc':>4} {'reqs':>5} {'err':>4} "
-        f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'TPOT':>6} "
-        f"{'E2E p50':>8} "
-        f"{'req/s':>7} {'tok/s':>7}"
-    )
     config = report["config"]
-    cores = config["cores"]
+    workload = config["workload"]["measured"]
+    header = (
+        f"{'setup':<16} {'rate':>5} {'reqs':>4} {'fail':>4} "
+        f"{'TTFT p50':>8} {'p90':>7} {'p99':>7} {'TPOT p50':>8} {'p90':>6} {'p99':>6} "
+        f"{'E2E p50':>8} {'p99':>7} {'req/s':>6} {'tok/s':>6} {'SLO met':>7}"
+    )
     lines = [
-        f"model: {config['model']}  max_tokens {config['max_tokens']}  stream, ignore_eos, "
-        "prefix caching off; latencies in ms",
-        "ITL = gap between SSE chunks; TPOT = mean time per output token after the first",
-        f"cores: prefill {cores['prefill']}, decode {cores['decode']}, "
-        f"aggregated {cores['aggregated']}; aggregated phase: {config['aggregated_phase']}",
+        f"model: {config['model']}; SLOs: TTFT <= {config['ttft_slo_ms']:g} ms and TPOT <= "
+        f"{config['tpot_slo_ms']:g} ms; goodput at >= {config['attainment_target']:.0%} met",
+        f"workload: prompt tokens p50 {workload['prompt_tokens']['p50']} / p90 "
+        f"{workload['prompt_tokens']['p90']}, output tokens p50 "
+        f"{workload['output_tokens']['p50']} / p90 {workload['output_tokens']['p90']}, "
+        f"{workload['shared_prefix_request_fraction']:.0%} of requests share a prefix "
+        f"({workload['shared_prefix_token_fraction']:.0%} of prompt tokens); Poisson arrivals",
+        "latencies in ms (vllm bench serve)",
         header,
         "-" * len(header),
     ]
-    runs = sorted(
-        report["runs"],
-        key=lambda r: (r["prompt_tokens"], r["concurrency"], SETUPS.index(r["setup"])),
-    )
-    for run in runs:
+    for run in sorted(report["runs"], key=lambda r: (r["rate"], SETUP_NAMES.index(r["setup"]))):
+        ttft, tpot, e2e = run["ttft_ms"], run["tpot_ms"], run["e2e_ms"]
         lines.append(
-            f"{run['setup']:<10} {run['prompt_tokens']:>6} {run['concurrency']:>4} "
-            f"{run['requests']:>5} {run['errors']:>4} "
-            f"{num(run['ttft_p50_ms']):>9} {num(run['ttft_p99_ms']):>9} "
-            f"{num(run['itl_p50_ms']):>8} {num(run['itl_p99_ms']):>8} "
-            f"{num(run['tpot_mean_ms']):>6} {num(run['e2e_p50_ms']):>8} "
-            f"{num(run['requests_per_s'], 2):>7} {num(run['output_tokens_per_s']):>7}"
+            f"{run['setup']:<16} {run['rate']:>5g} {run['num_prompts']:>4} {run['failed']:>4} "
+            f"{ttft['p50']:>8.0f} {ttft['p90']:>7.0f} {ttft['p99']:>7.0f} "
+            f"{tpot['p50']:>8.1f} {tpot['p90']:>6.1f} {tpot['p99']:>6.1f} "
+            f"{e2e['p50']:>8.0f} {e2e['p99']:>7.0f} {run['request_throughput']:>6.2f} "
+            f"{run['output_throughput']:>6.0f} {run['attainment']:>7.0%}"
         )
-    check = report["pd_check"]
-    if check:
-        paths = check["proxy_requests_by_path"]
-        lines.append(
-            f"\nPD path check: {'ok' if check['ok'] else 'NOT OK'} (proxy requests "
-            f"disaggregated={num(paths['disaggregated'], 0)} "
-            f"fallback={num(paths['fallback'], 0)}; KV bytes pulled by decode="
-            f"{num(check['decode_kv_transfer_bytes'], 0)})"
-        )
-    load = report["machine"]["load_average"]
+    result = report["summary"]
+    lines.append("")
     lines.append(
-        f"load average (1 min) before {load['before'][0]:.1f}, at PD start "
-        f"{load.get('pd_start', [float('nan')])[0]:.1f}, at aggregated start "
-        f"{load.get('aggregated_start', [float('nan')])[0]:.1f}"
+        "goodput (req/s): "
+        + ", ".join(f"{name} {value:g}" for name, value in result["goodput_req_per_s"].items())
+    )
+    for name, value in result["ratios"].items():
+        lines.append(
+            f"{name.replace('_', ' ')}: " + ("unbounded" if value is None else f"{value:.2f}x")
+        )
+    grid = report.get("slo_grid") or []
+    if grid:
+        lines.append("goodput at other SLOs (same runs), pd / aggregated req/s:")
+        tpots = sorted({row["tpot_slo_ms"] for row in grid})
+        lines.append(f"  {'TTFT SLO':>9} " + " ".join(f"{'TPOT ' + f'{t:g}':>14}" for t in tpots))
+        for ttft in sorted({row["ttft_slo_ms"] for row in grid}):
+            cells = []
+            for tpot in tpots:
+                row = next(r for r in grid if (r["ttft_slo_ms"], r["tpot_slo_ms"]) == (ttft, tpot))
+                good = row["goodput_req_per_s"]
+                cells.append(f"{good['pd']:g} / {good['aggregated']:g}".rjust(14))
+            lines.append(f"  {ttft:>9g} " + " ".join(cells))
+    pd_runs = [r for r in report["runs"] if r["pd_path_ok"] is not None]
+    bad = [r for r in pd_runs if not r["pd_path_ok"]]
+    pulls = sum(r["counters"].get("kv_pulls", 0) for r in pd_runs)
+    lines.append(
+        f"PD path check: {'ok' if not bad else 'NOT OK'} ({len(pd_runs)} runs, {pulls:.0f} KV "
+        "pulls, no fallback or recompute)"
+        if not bad
+        else "PD path check: NOT OK: "
+        + "; ".join(f"{r['rate']:g} req/s: {r['pd_path_detail']}" for r in bad)
     )
     if report["indicative"]:
         lines.append(
@@ -664,17 +854,82 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def tpot_values(run: dict[str, Any]) -> list[float]:
+    """TPOT of each answered request with more than one output token."""
+    return [
+        tpot
+        for tpot, request in zip(run["tpots_ms"], run["requests"], strict=True)
+        if tpot is not None and request[1] > 1
+    ]
+
+
+def plot(report: dict[str, Any], png: Path) -> bool:
+    """SLO attainment and TTFT against rate, and the TPOT CDF at one rate; False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    runs = report["runs"]
+    setups = [name for name in SETUP_NAMES if any(r["setup"] == name for r in runs)]
+    rates = sorted({r["rate"] for r in runs})
+    cdf_rate = report["config"].get("cdf_rate") or rates[len(rates) // 2]
+    fig, (attain, ttft, cdf) = plt.subplots(1, 3, figsize=(15, 4.5))
+    for name in setups:
+        mine = sorted((r for r in runs if r["setup"] == name), key=lambda r: r["rate"])
+        x = [r["rate"] for r in mine]
+        attain.plot(x, [100 * r["attainment"] for r in mine], marker="o", label=name)
+        (line,) = ttft.plot(x, [r["ttft_ms"]["p50"] for r in mine], marker="o", label=f"{name} p50")
+        ttft.plot(x, [r["ttft_ms"]["p90"] for r in mine], marker="x", linestyle="--",
+                  color=line.get_color(), label=f"{name} p90")  # fmt: skip
+        at_rate = [r for r in mine if r["rate"] == cdf_rate]
+        values = sorted(tpot_values(at_rate[0])) if at_rate else []
+        if values:
+            cdf.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=name)
+    config = report["config"]
+    target = 100 * config["attainment_target"]
+    attain.axhline(target, color="grey", linestyle=":", label=f"{target:.0f} % target")
+    attain.set(xlabel="request rate (req/s)", ylabel="requests meeting both SLOs (%)",
+               title=f"SLO attainment (TTFT <= {config['ttft_slo_ms']:g} ms, "
+               f"TPOT <= {config['tpot_slo_ms']:g} ms)", ylim=(0, 105))  # fmt: skip
+    ttft.axhline(config["ttft_slo_ms"], color="grey", linestyle=":", label="TTFT SLO")
+    ttft.set(xlabel="request rate (req/s)", ylabel="TTFT (ms)", title="TTFT", yscale="log")
+    cdf.axvline(config["tpot_slo_ms"], color="grey", linestyle=":", label="TPOT SLO")
+    cdf.set(xlabel="TPOT (ms)", ylabel="share of requests", title=f"TPOT CDF at {cdf_rate:g} req/s")
+    for axis in (attain, ttft, cdf):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # -- command line ---------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
+def _rate_list(text: str) -> list[float]:
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,4, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected rates like 0.5,1,2, got {text!r}") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite rates > 0, got {text!r}")
     return sorted(set(values))
+
+
+def _cores(text: str) -> tuple[int, int]:
+    try:
+        first, second = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two cores like 0,1, got {text!r}") from None
+    if first == second or min(first, second) < 0:
+        raise argparse.ArgumentTypeError(f"expected two distinct cores, got {text!r}")
+    return first, second
 
 
 def _positive(text: str) -> float:
@@ -697,57 +952,96 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = _positive(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", type=Path, default=None, help="local HF model directory (default: tiny model)"
-    )
+    from deploy.tiny_model import add_model_arguments
+
+    add_model_arguments(parser, default_preset="small")
     parser.add_argument("--served-model-name", default="pdserve-bench")
     parser.add_argument(
-        "--prompt-tokens", type=_int_list, default=[64, 512, 1024], help="default 64,512,1024"
-    )
-    parser.add_argument("--concurrency", type=_int_list, default=[1, 4], help="default 1,4")
-    parser.add_argument("--max-tokens", type=_positive_int, default=32, help="output tokens")
-    parser.add_argument(
-        "--duration", type=_positive, default=20.0, help="seconds per point (default 20)"
+        "--rates",
+        type=_rate_list,
+        default=list(DEFAULT_RATES),
+        help="request rates, req/s (default " + ",".join(f"{r:g}" for r in DEFAULT_RATES) + ")",
     )
     parser.add_argument(
-        "--max-requests", type=_positive_int, default=200, help="per point cap (default 200)"
+        "--seconds-per-rate",
+        type=_positive,
+        default=60.0,
+        help="requests per rate = rate x this, within the bounds below",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up requests per client")
-    parser.add_argument("--request-timeout", type=_positive, default=120.0, help="seconds")
+    parser.add_argument("--min-prompts", type=_positive_int, default=20)
+    parser.add_argument("--max-prompts", type=_positive_int, default=200)
+    parser.add_argument("--ttft-slo-ms", type=_positive, default=DEFAULT_TTFT_SLO_MS)
+    parser.add_argument("--tpot-slo-ms", type=_positive, default=DEFAULT_TPOT_SLO_MS)
+    parser.add_argument(
+        "--attainment",
+        type=_share,
+        default=gp.DEFAULT_ATTAINMENT,
+        help="share of requests that must meet both SLOs (default 0.9)",
+    )
+    parser.add_argument("--cores", type=_cores, default=(0, 1), help="two cores (default 0,1)")
+    parser.add_argument(
+        "--wide", action="store_true", help="also measure one aggregated engine on both cores"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: tiny model, one rate, a few short requests",
+    )
+    parser.add_argument("--request-timeout", type=_positive, default=300.0, help="seconds")
     parser.add_argument(
         "--startup-timeout", type=_positive, default=600.0, help="seconds per engine start"
-    )
-    parser.add_argument("--prefill-core", default="0", help="VLLM_CPU_OMP_THREADS_BIND")
-    parser.add_argument("--decode-core", default="1", help="VLLM_CPU_OMP_THREADS_BIND")
-    parser.add_argument("--aggregated-core", default="0", help="VLLM_CPU_OMP_THREADS_BIND")
-    parser.add_argument(
-        "--aggregated-phase",
-        choices=["stopped", "idle"],
-        default="stopped",
-        help="during the aggregated runs the PD engines are stopped (default) or idle",
     )
     parser.add_argument("--kv-cache-gib", type=_positive_int, default=1)
     parser.add_argument("--block-size", type=_positive_int, default=128)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
-        "--max-model-len", type=_positive_int, default=None,
-        help="default: the longest prompt plus max tokens, rounded up to a block",
-    )  # fmt: skip
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="default: the longest prompt plus the longest output, rounded up to a block",
+    )
     parser.add_argument(
-        "--log-dir", type=Path, default=None,
-        help="keep the engines' and proxy's logs here (default: a temporary directory, "
-        "removed after a successful run)",
-    )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="keep the engines', proxy's and vllm bench's logs here (default: a temporary "
+        "directory, removed after a successful run)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"JSON report (default {DEFAULT_OUT}); the plot goes next to it",
+    )
+    add_workload_arguments(parser)
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """--quick: every stage once, in a few minutes (the suite's smoke run)."""
+    if not args.quick:
+        return
+    args.preset = "tiny"
+    args.rates = [2.0]
+    args.min_prompts = args.max_prompts = 6
+    args.max_prompt_tokens = min(args.max_prompt_tokens, 256)
+    args.max_output_tokens = min(args.max_output_tokens, 16)
+    args.shared_prefix_tokens = min(args.shared_prefix_tokens, 32)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse what would only fail after a minute of engine start-up."""
     from deploy.cli import CliError
 
-    if args.warmup < 0:
-        raise CliError("--warmup must be >= 0")
+    if args.min_prompts > args.max_prompts:
+        raise CliError("--min-prompts must not exceed --max-prompts")
     if args.model is not None:
         config_file = args.model / "config.json"
         if not config_file.is_file():
@@ -757,16 +1051,22 @@ def check_args(args: argparse.Namespace) -> None:
         except (OSError, ValueError) as exc:
             raise CliError(f"--model: cannot read {config_file}: {exc}") from None
         limit = config.get("max_position_embeddings")
-        needed = max(args.prompt_tokens) + args.max_tokens
+        needed = args.max_prompt_tokens + args.max_output_tokens
         if isinstance(limit, int) and needed > limit:
             raise CliError(
-                f"--prompt-tokens: {max(args.prompt_tokens)} + --max-tokens {args.max_tokens} "
-                f"exceeds the model's max_position_embeddings {limit}"
+                f"--max-prompt-tokens {args.max_prompt_tokens} + --max-output-tokens "
+                f"{args.max_output_tokens} exceeds the model's max_position_embeddings {limit}"
             )
-    if args.max_model_len is not None and args.max_model_len < max(args.prompt_tokens) + (
-        args.max_tokens
+    if args.max_model_len is not None and args.max_model_len < (
+        args.max_prompt_tokens + args.max_output_tokens
     ):
-        raise CliError("--max-model-len must hold the longest prompt plus --max-tokens")
+        raise CliError("--max-model-len must hold the longest prompt plus the longest output")
+    if args.workload_jsonl is not None and not args.workload_jsonl.is_file():
+        raise CliError(f"--workload-jsonl: {args.workload_jsonl} is not a file")
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    missing = [core for core in args.cores if cores and core not in cores]
+    if missing:
+        raise CliError(f"--cores: core(s) {missing} are not available to this process")
     if not Path("/proc").is_dir():
         raise CliError("this benchmark manages process groups and needs Linux")
 
@@ -774,6 +1074,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from deploy.cli import CliError
 
+    apply_quick(args)
     check_args(args)
     keep_logs = args.log_dir is not None
     if keep_logs:
@@ -783,7 +1084,7 @@ def run(args: argparse.Namespace) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="pdserve-bench-pd-"))
     try:
         report = run_benchmark(args, workdir)
-    except BenchError as exc:
+    except (BenchError, WorkloadError) as exc:
         keep_logs = True
         raise CliError(f"{exc} (logs kept in {workdir})") from None
     except BaseException:
@@ -793,16 +1094,22 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if not keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(format_table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    png = args.out.with_suffix(".png")
+    drew = plot(report, png)
+    print(format_table(report))
+    print(f"\nwrote {args.out}" + (f" and {png}" if drew else ""))
     status = 0
-    failed = [r for r in report["runs"] if r["errors"] or not r["ok"]]
-    if failed:
-        print(f"{len(failed)} point(s) had errors; see error_samples in the JSON", file=sys.stderr)
+    inexact = [r for r in report["runs"] if not r["lengths_exact"]]
+    if inexact:
+        print(f"{len(inexact)} run(s) sent prompts of other lengths than drawn", file=sys.stderr)
         status = 1
-    if not report["pd_check"].get("ok"):
+    failed = [r for r in report["runs"] if r["failed"]]
+    if failed:
+        print(f"{len(failed)} run(s) had failed requests", file=sys.stderr)
+        status = 1
+    if any(r["pd_path_ok"] is False for r in report["runs"]):
         print("the PD runs did not all go through prefill + KV transfer", file=sys.stderr)
         status = 1
     if report["leftover_processes"]:

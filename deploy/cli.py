@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "scale": ("deploy.scale_cli", "change the prefill/decode pool sizes at run time"),
     "restart": ("deploy.restart_cli", "restart one instance without losing requests"),
     "bench": ("benchmarks.cli", "run a benchmark (prints a table, writes JSON)"),
+    "plan": ("benchmarks.planner.cli", "profile a model, simulate a fleet, recommend a P:D split"),
 }
 
 

@@ -129,6 +129,10 @@ class WorkerSpec:
     device: Device = "cpu"
     visible_devices: str | None = None
     python: str = sys.executable
+    # On CPU, confine the whole server (API server, engine core, workers) to ``cpu_core``, not
+    # only the compute threads vLLM binds: the unbound processes busy-poll vLLM's
+    # shared-memory queue and would otherwise run on, and slow, a neighbour engine's cores.
+    pin_process_tree: bool = False
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
 
@@ -356,6 +360,7 @@ def start_worker(
         validate_spec(spec)
     argv, extra_env = build_command(spec)
     env = {**os.environ, **extra_env}
+    pin = _pinned_cores(spec)
     log_file: IO[bytes] | None = None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -369,10 +374,22 @@ def start_worker(
             stderr=subprocess.STDOUT if log_file is not None else None,
             start_new_session=True,
             pass_fds=tuple(pass_fds),
+            # Set in the child before exec, so every process and thread it starts inherits it.
+            preexec_fn=None if pin is None else (lambda: os.sched_setaffinity(0, pin)),
         )
     finally:
         if log_file is not None:
             log_file.close()  # the child holds its own descriptor
+
+
+def _pinned_cores(spec: WorkerSpec) -> set[int] | None:
+    """The cores to confine ``spec``'s whole process tree to, or None to leave it free."""
+    if not spec.pin_process_tree or spec.device != "cpu" or spec.cpu_core is None:
+        return None
+    from deploy.core_claims import parse_core_list
+
+    cores = parse_core_list(str(spec.cpu_core))
+    return set(cores) if cores else None
 
 
 def wait_until_ready(

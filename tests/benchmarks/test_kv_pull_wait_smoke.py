@@ -565,3 +565,16 @@ def test_quick_run_against_real_engines(tmp_path: Path) -> None:
     assert decode["outcomes"].get("recomputed", 0) == 0
     assert report["leftover_processes"] == []
     assert report["problems"] == []
+
+
+def test_prompts_have_exact_token_lengths(tiny_model: Path) -> None:
+    from tokenizers import Tokenizer
+
+    prompts = bench.prompt_token_ids(tiny_model, [1, 64, 1024])
+    assert {n: len(ids) for n, ids in prompts.items()} == {1: 1, 64: 64, 1024: 1024}
+    tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    special = {tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<unk>", "<pad>")}
+    assert not special & set(prompts[1024])
+    # Ordinary text, not one token repeated.
+    assert len(set(prompts[64])) > 16
+    assert prompts[1024][:64] == prompts[64]

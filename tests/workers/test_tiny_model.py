@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deploy.cli import CliError
-from deploy.tiny_model import add_arguments, make_tiny_model, run
+from deploy.tiny_model import PRESETS, add_arguments, make_tiny_model, run
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,25 @@ def test_cli_writes_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert run(_args(str(tmp_path / "m"))) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")
+
+
+def test_small_preset_is_a_deeper_wider_gqa_llama(tmp_path: Path) -> None:
+    assert run(_args(str(tmp_path / "small"), "--preset", "small")) == 0
+    small = json.loads((tmp_path / "small" / "config.json").read_text())
+    tiny = PRESETS["tiny"]
+    assert small["num_hidden_layers"] > tiny.num_hidden_layers
+    assert small["hidden_size"] > tiny.hidden_size
+    assert small["intermediate_size"] > tiny.intermediate_size
+    assert small["num_key_value_heads"] < small["num_attention_heads"]
+    assert small["head_dim"] >= 32
+    # Same tokenizer, so workloads and prompts carry over between the presets.
+    assert (tmp_path / "small" / "tokenizer.json").read_bytes() == (
+        make_tiny_model(tmp_path / "tiny") / "tokenizer.json"
+    ).read_bytes()
+
+
+def test_cli_refuses_an_unknown_preset(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(tmp_path), "--preset", "huge"])

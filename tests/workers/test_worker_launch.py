@@ -23,6 +23,7 @@ from deploy.worker_launch import (
     free_port,
     role_settings,
     spec_from_mapping,
+    start_worker,
     stop_worker,
     validate_spec,
     wait_until_ready,
@@ -228,3 +229,29 @@ def test_stop_worker_on_a_process_without_its_own_group() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     assert stop_worker(proc, grace_s=5.0) == -signal.SIGTERM
     # The caller's own group (pytest's) must not have been signalled: we are still here.
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+@pytest.mark.parametrize("pin", [True, False])
+def test_pin_process_tree_confines_every_process_to_the_core(
+    model_dir: Path, tmp_path: Path, pin: bool
+) -> None:
+    core = min(os.sched_getaffinity(0))
+    # A stand-in for the server: it reports its own affinity and its child's.
+    python = tmp_path / "fake-python"
+    python.write_text(
+        "#!/bin/sh\n"
+        "grep Cpus_allowed_list /proc/self/status\n"
+        "sh -c 'grep Cpus_allowed_list /proc/self/status'\n"
+    )
+    python.chmod(0o755)
+    spec = WorkerSpec(
+        role="aggregated", model=model_dir, cpu_core=core, python=str(python),
+        pin_process_tree=pin,
+    )  # fmt: skip
+    log = tmp_path / "server.log"
+    proc = start_worker(spec, log_path=log, validate=False)
+    assert proc.wait(timeout=30) == 0
+    allowed = [line.split(":", 1)[1].strip() for line in log.read_text().splitlines()]
+    everything = Path("/proc/self/status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+    assert allowed == ([str(core)] * 2 if pin else [everything] * 2)

@@ -1,0 +1,1 @@
+"""Capacity planning: profile a model's step latencies, simulate a fleet, recommend a P:D split."""
