@@ -10,7 +10,6 @@ meets nothing. *Attainment* at a rate is the share of the requests sent that mee
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,14 +62,3 @@ def goodput(points: Iterable[tuple[float, float]], target: float = DEFAULT_ATTAI
 def ratio(numerator: float, denominator: float) -> float | None:
     """``numerator / denominator``; None when the denominator is 0 (the ratio is unbounded)."""
     return None if denominator == 0 else numerator / denominator
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)

@@ -912,7 +912,7 @@ def plot(report: dict[str, Any], png: Path) -> bool:
 # -- command line ---------------------------------------------------------------------------
 
 
-def _rate_list(text: str) -> list[float]:
+def rate_list(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -966,7 +966,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default="pdserve-bench")
     parser.add_argument(
         "--rates",
-        type=_rate_list,
+        type=rate_list,
         default=list(DEFAULT_RATES),
         help="request rates, req/s (default " + ",".join(f"{r:g}" for r in DEFAULT_RATES) + ")",
     )

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.kv_pull_wait import DTYPES, ModelGeometry
 from benchmarks.planner.profile_model import DecodeSample, KvPullSample, PrefillSample, Profile
 
 DEFAULT_OUT = Path("benchmarks/results/plan_profile.json")
@@ -55,20 +56,16 @@ def hardware_description(core: str) -> str:
     return f"CPU core {core} ({model}), VLLM_CPU_OMP_THREADS_BIND={core}"
 
 
-def kv_geometry(model: Path, block_size: int) -> tuple[int, int, int, str]:
-    """(layers, KV heads, head size, dtype) from the model's config.json."""
+def kv_dtype(model: Path) -> str:
+    """The model's dtype as the engine runs it with ``--dtype auto`` (float32 if unstated)."""
     config = json.loads((model / "config.json").read_text())
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-    kv_heads = int(config.get("num_key_value_heads") or heads)
     dtype = str(config.get("torch_dtype") or "float32")
-    return int(config["num_hidden_layers"]), kv_heads, head_dim, dtype
+    return dtype if dtype in DTYPES else "bfloat16"
 
 
 def kv_bytes_per_token(model: Path) -> int:
-    layers, kv_heads, head_dim, dtype = kv_geometry(model, 1)
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
-    return layers * 2 * kv_heads * head_dim * size  # K and V
+    """KV bytes one token occupies over all layers (K and V)."""
+    return ModelGeometry.of(model).block_bytes(kv_dtype(model), block_size=1)
 
 
 async def _stream_times(
@@ -147,8 +144,11 @@ def measure_kv_pull(
     """The connector's pull of each token count's blocks, through its real block server."""
     from benchmarks.kv_transfer import Bench, Geometry
 
-    layers, kv_heads, head_dim, dtype = kv_geometry(model, block_size)
-    geometry = Geometry(layers, kv_heads, block_size, head_dim, dtype)
+    model_geometry = ModelGeometry.of(model)
+    geometry = Geometry(
+        model_geometry.num_layers, model_geometry.num_kv_heads, block_size,
+        model_geometry.head_dim, kv_dtype(model),
+    )  # fmt: skip
     most = max(-(-tokens // block_size) for tokens in token_counts)
     bench = Bench(geometry, most, buffer_bytes=4 * 1024 * 1024)
     samples = []

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.pd_vs_aggregated import rate_list
 from deploy.cli import CliError
 
 DEFAULT_BENCH = Path("benchmarks/results/pd_vs_aggregated.json")
@@ -119,19 +120,12 @@ def format_table(rows: Sequence[dict[str, Any]], tolerance: float) -> str:
     return "\n".join(lines)
 
 
-def _rates(text: str) -> list[float]:
-    try:
-        return sorted({float(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected rates like 0.5,1,2, got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", type=Path, required=True, metavar="FILE",
                         help="profile JSON from `pdserve plan profile`")  # fmt: skip
     parser.add_argument("--bench", type=Path, default=DEFAULT_BENCH, metavar="FILE",
                         help=f"`pdserve bench pd` report (default {DEFAULT_BENCH})")  # fmt: skip
-    parser.add_argument("--rates", type=_rates, default=None,
+    parser.add_argument("--rates", type=rate_list, default=None,
                         help="measured rates to replay (default: the three lowest)")  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=0.15,
                         help="relative error counted as a match (default 0.15)")  # fmt: skip

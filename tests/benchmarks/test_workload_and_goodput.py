@@ -182,15 +182,6 @@ def test_goodput_is_the_highest_rate_meeting_the_target() -> None:
     assert gp.ratio(1.0, 0.0) is None
 
 
-def test_percentile_matches_numpy() -> None:
-    import numpy
-
-    values = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0]
-    for q in (0, 50, 90, 99, 100):
-        assert gp.percentile(values, q) == pytest.approx(float(numpy.percentile(values, q)))
-    assert gp.percentile([], 50) is None
-
-
 # -- vllm bench serve -------------------------------------------------------------------------
 
 
