@@ -23,6 +23,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "added latency and CPU per request of the proxy, against fake workers",
     ),
     "kv": ("benchmarks.kv_transfer", "KV transfer throughput and latency"),
+    "kv-link": (
+        "benchmarks.kv_link",
+        "KV pull throughput across a veth link between two network namespaces vs loopback",
+    ),
     "pd": (
         "benchmarks.pd_vs_aggregated",
         "goodput under SLOs: 1P1D vs 2 aggregated engines on the same cores (vllm bench serve)",

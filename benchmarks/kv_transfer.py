@@ -34,6 +34,7 @@ MIB = 1024 * 1024
 DEFAULT_SIZES_MIB = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_OUTPUT = Path("benchmarks/results/kv_transfer.json")
 SECRET = b"bench"
+LOOPBACK = "127.0.0.1"
 # The options of the engine phase (benchmarks/kv_pull_wait.py) on this command line.
 ENGINE_PREFIX = "engine-"
 
@@ -149,10 +150,10 @@ def _parse_sizes(text: str) -> list[float]:
 class RawServer:
     """The loopback ceiling's sender: per 8-byte request N, one ``sendall`` of N bytes."""
 
-    def __init__(self, max_bytes: int, buffer_bytes: int) -> None:
+    def __init__(self, max_bytes: int, buffer_bytes: int, host: str = LOOPBACK) -> None:
         self._payload = bytearray(max_bytes)
         self._buffer_bytes = buffer_bytes
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server((host, 0))
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -170,8 +171,8 @@ class RawServer:
 class RawClient:
     """The loopback ceiling's receiver: ``recv_into`` a preallocated buffer."""
 
-    def __init__(self, port: int, max_bytes: int, buffer_bytes: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
+    def __init__(self, port: int, max_bytes: int, buffer_bytes: int, host: str = LOOPBACK) -> None:
+        self.sock = socket.create_connection((host, port))
         _tune(self.sock, buffer_bytes)
         self.sink = bytearray(max_bytes)
 
@@ -246,9 +247,23 @@ def _fingerprint(geometry: Geometry) -> Any:
 
 
 def _prefill_process(
-    geometry: Geometry, num_blocks: int, max_bytes: int, buffer_bytes: int, pipe: Any
+    geometry: Geometry,
+    num_blocks: int,
+    max_bytes: int,
+    buffer_bytes: int,
+    pipe: Any,
+    netns: str | None = None,
+    host: str = LOOPBACK,
 ) -> None:
-    """The sending side, in its own process like a real prefill worker (no shared GIL)."""
+    """The sending side, in its own process like a real prefill worker (no shared GIL).
+
+    With ``netns`` it serves from that network namespace (``pdserve bench kv-link``): entered
+    before anything else runs, as setns moves only the calling thread.
+    """
+    if netns is not None:
+        from deploy.multinode.netns_lab import enter_netns
+
+        enter_netns(netns)
     from kv_transfer.block_server import BlockServer, ServerSettings
     from kv_transfer.device import KVCacheAccess
     from kv_transfer.leases import LeaseTable
@@ -256,14 +271,15 @@ def _prefill_process(
     src = _cache(geometry, num_blocks, seed=SOURCE_SEED)
     leases = LeaseTable()
     server = BlockServer(
-        ServerSettings(host="127.0.0.1", port=0, secret=SECRET, socket_buffer_bytes=buffer_bytes),
+        ServerSettings(host=host, port=0, secret=SECRET, socket_buffer_bytes=buffer_bytes),
         _fingerprint(geometry),
         KVCacheAccess(src),
         leases,
         engine_id="bench-prefill",
     )
     server.start()
-    raw_default, raw_tuned = RawServer(max_bytes, 0), RawServer(max_bytes, buffer_bytes)
+    raw_default = RawServer(max_bytes, 0, host)
+    raw_tuned = RawServer(max_bytes, buffer_bytes, host)
     pipe.send(
         (
             server.port,
@@ -272,7 +288,10 @@ def _prefill_process(
         )
     )
     while True:
-        command = pipe.recv()
+        try:
+            command = pipe.recv()
+        except EOFError:  # the benchmark process is gone (killed): stop, without a traceback
+            break
         if command is None:
             break
         request_id, block_ids = command
@@ -286,33 +305,60 @@ SOURCE_SEED = 1234
 
 
 class Bench:
-    def __init__(self, geometry: Geometry, max_blocks: int, buffer_bytes: int) -> None:
+    """A prefill process serving blocks and this process pulling them.
+
+    ``server_netns``/``server_host``: the prefill process serves from that network namespace
+    on that address, and this process dials it there (``pdserve bench kv-link``).
+    """
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        max_blocks: int,
+        buffer_bytes: int,
+        server_netns: str | None = None,
+        server_host: str = LOOPBACK,
+    ) -> None:
         import multiprocessing
 
         from kv_transfer.block_client import BlockClient, ClientSettings
         from kv_transfer.device import KVCacheAccess
 
         self.geometry = geometry
+        self.server_host = server_host
         self.num_blocks = 2 * max_blocks + 1
         max_bytes = max_blocks * geometry.block_nbytes * geometry.num_layers
         context = multiprocessing.get_context("spawn")
         self._pipe, child_end = context.Pipe()
         self._process = context.Process(
             target=_prefill_process,
-            args=(geometry, self.num_blocks, max_bytes, buffer_bytes, child_end),
+            args=(
+                geometry, self.num_blocks, max_bytes, buffer_bytes, child_end,
+                server_netns, server_host,
+            ),
             daemon=True,
-        )
+        )  # fmt: skip
         self._process.start()
-        if not self._pipe.poll(300):
-            raise RuntimeError("benchmark prefill process did not start")
-        self.port, raw_default_port, raw_tuned_port = self._pipe.recv()
+        # Only the child holds its end now, so a child that dies starting up reads as EOF
+        # here instead of a wait for the whole timeout.
+        child_end.close()
+        try:
+            if not self._pipe.poll(300):
+                raise RuntimeError("benchmark prefill process did not start in 300 s")
+            self.port, raw_default_port, raw_tuned_port = self._pipe.recv()
+        except EOFError:
+            self._process.join(timeout=10)
+            raise RuntimeError(
+                f"benchmark prefill process exited (code {self._process.exitcode}) before "
+                f"serving on {server_host} in namespace {server_netns or '(this one)'}"
+            ) from None
         self.dst = _cache(geometry, self.num_blocks, seed=None)
         self.dst_access = KVCacheAccess(self.dst)
         self.client = BlockClient(
             ClientSettings(secret=SECRET, socket_buffer_bytes=buffer_bytes), _fingerprint(geometry)
         )
-        self.raw_default = RawClient(raw_default_port, max_bytes, 0)
-        self.raw_tuned = RawClient(raw_tuned_port, max_bytes, buffer_bytes)
+        self.raw_default = RawClient(raw_default_port, max_bytes, 0, server_host)
+        self.raw_tuned = RawClient(raw_tuned_port, max_bytes, buffer_bytes, server_host)
         self._counter = 0
 
     def connector(self, remote_ids: list[int], local_ids: list[int]) -> float:
@@ -322,7 +368,7 @@ class Bench:
         self._pipe.recv()
         started = time.perf_counter()
         self.client.pull(
-            ("127.0.0.1", self.port), request_id, remote_ids, self.dst_access, local_ids
+            (self.server_host, self.port), request_id, remote_ids, self.dst_access, local_ids
         )
         return time.perf_counter() - started
 

@@ -97,6 +97,8 @@ class InstanceSupervisor:
         # ``_lock``, never while holding it.
         self._lifecycle = threading.Lock()
         self._proc: Popen[bytes] | None = None
+        # Per worker group (by leader pid): kills it should this actor die without stopping it.
+        self._lifelines: dict[int, worker_launch.GroupLifeline] = {}
         self._state = "starting"
         self._stopping = False
         self._restarts = 0  # after crashes
@@ -180,7 +182,7 @@ class InstanceSupervisor:
             try:
                 if proc is not None:
                     worker_launch.stop_worker(proc)
-                    kill_process_group(proc.pid)
+                    self._end_group(proc.pid)
                     logger.info(
                         "%s: planned restart: worker pid %d stopped", self._plan.name, proc.pid
                     )
@@ -199,7 +201,7 @@ class InstanceSupervisor:
             proc = self._proc
         if proc is not None:
             worker_launch.stop_worker(proc)
-            kill_process_group(proc.pid)
+            self._end_group(proc.pid)
         with contextlib.suppress(FileNotFoundError):
             self._pid_file.unlink()
 
@@ -215,6 +217,13 @@ class InstanceSupervisor:
         kind = "NPU" if self._plan.accelerator == "npu" else "GPU"
         ids = ray.get_runtime_context().get_accelerator_ids().get(kind, [])
         self._visible_devices = ",".join(str(i) for i in ids)
+
+    def _end_group(self, pid: int) -> None:
+        """Make sure the worker group led by ``pid`` is gone, and disarm its lifeline."""
+        kill_process_group(pid)
+        lifeline = self._lifelines.pop(pid, None)
+        if lifeline is not None:
+            lifeline.release()
 
     def _kill_leftover(self) -> None:
         """A previous incarnation of this actor may have died with its worker running."""
@@ -247,6 +256,12 @@ class InstanceSupervisor:
                 self._state = "failed" if not self._stopping else self._state
             logger.error("%s: cannot start worker: %s", self._plan.name, exc)
             return False
+        try:
+            self._lifelines[proc.pid] = worker_launch.GroupLifeline(proc.pid)
+        except OSError as exc:
+            # The worker still runs; only the sweep after an abrupt death of this actor is
+            # lost (the next incarnation's pid-file sweep remains).
+            logger.warning("%s: no lifeline for worker pid %d: %s", self._plan.name, proc.pid, exc)
         if self._startup_niceness:
             set_group_niceness(proc.pid, self._startup_niceness, self._plan.name)
         self._pid_file.parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +277,7 @@ class InstanceSupervisor:
         if stopping:
             # stop() ran while this process started, before it was ours to see: end it here.
             worker_launch.stop_worker(proc)
-            kill_process_group(proc.pid)
+            self._end_group(proc.pid)
             with contextlib.suppress(FileNotFoundError):
                 self._pid_file.unlink()
             return False
@@ -302,7 +317,7 @@ class InstanceSupervisor:
                     self._state = "restarting"
                     self._last_exit = code
                     self._restarts += 1
-                kill_process_group(proc.pid)
+                self._end_group(proc.pid)
                 lived = time.monotonic() - self._started_at
                 if lived > _STABLE_AFTER_S:
                     backoff = self._plan.restart_backoff_s

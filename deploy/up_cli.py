@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         session.start_instances()
         progress(
             "ready",
-            f"API {urls['api']}  metrics {urls['metrics']}  admin {urls['admin']}  model {model}",
+            f"API {urls['api']}  metrics {urls['metrics']}  admin {urls['admin']}  "
+            f"model {topology.served_model_name or model.name} ({model})",
         )
         if args.detach:
             session.detach()
@@ -310,6 +311,13 @@ class _Session:
     def start_proxy(self) -> dict[str, str]:
         urls: dict[str, str] = self._call(self.controller.start_proxy.remote(), 180)
         self.progress("proxy", f"listening: API {urls['api']}, admin {urls['admin']}")
+        if self._state is not None:
+            # The controller names the proxy's node address where the topology says 0.0.0.0;
+            # `pdserve status` prints what a client on another node can dial.
+            self._state.api_url = urls["api"]
+            self._state.metrics_url = urls["metrics"]
+            self._state.admin_url = urls["admin"]
+            write_state(self.directory, self._state)
         return urls
 
     def start_instances(self) -> None:

@@ -382,6 +382,63 @@ def start_worker(
             log_file.close()  # the child holds its own descriptor
 
 
+# The reaper's whole program. It forks once and the parent exits, so the reaper is nobody's
+# child: Ray kills a dying worker's direct children, which would take the reaper along with the
+# API server and leave the engine core behind. Then a byte on stdin means "stopped on purpose";
+# end of file without one means the holder died, and the group it started goes with it.
+_REAPER = (
+    "import os, signal, sys\n"
+    "if os.fork():\n"
+    "    os._exit(0)\n"
+    "if not sys.stdin.buffer.read(1):\n"
+    "    try:\n"
+    "        os.killpg(int(sys.argv[1]), signal.SIGKILL)\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+
+
+class GroupLifeline:
+    """SIGKILLs a worker's process group when the process holding this object dies first.
+
+    A worker leads its own group (``start_new_session``), so nothing ties it to the process
+    that started it. When that process dies abruptly (a Ray actor whose raylet was killed, a
+    SIGKILLed ``pdserve worker``), the API server may go but vLLM's engine core keeps
+    spinning on its cores and holding memory until someone sweeps it. A small reaper process
+    in its own session reads a pipe whose only writer is the holder: the kernel closes it
+    when the holder dies, however it dies, and the reaper then kills the group. Chosen over
+    ``PR_SET_PDEATHSIG``, which reaches only the direct child, not the engine core below it.
+    """
+
+    def __init__(self, pgid: int) -> None:
+        read_fd, write_fd = os.pipe()  # not inheritable: no other child holds the writer
+        try:
+            launcher = subprocess.Popen(
+                [sys.executable, "-c", _REAPER, str(pgid)],
+                stdin=read_fd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            launcher.wait(timeout=30.0)  # returns once the reaper forked off
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        self.pgid = pgid
+        self._write_fd: int | None = write_fd
+
+    def release(self) -> None:
+        """The group was stopped on purpose: the reaper exits without killing anything."""
+        fd, self._write_fd = self._write_fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, b"x")
+        os.close(fd)
+
+
 def _pinned_cores(spec: WorkerSpec) -> set[int] | None:
     """The cores to confine ``spec``'s whole process tree to, or None to leave it free."""
     if not spec.pin_process_tree or spec.device != "cpu" or spec.cpu_core is None:

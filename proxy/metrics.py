@@ -124,8 +124,9 @@ class ProxyMetrics:
         r = self.registry
         self.requests = Counter(
             "pdserve_requests",
-            "Client requests by endpoint, model, HTTP status and path "
-            "(disaggregated, aggregated, or fallback when no prefill instance is healthy).",
+            "Client requests by endpoint, model, HTTP status and path (disaggregated, "
+            "aggregated, fallback when no prefill instance is healthy, or prefill_fallback "
+            "when no decode instance is and a prefill instance serves the request whole).",
             ["endpoint", "model", "status", "path"],
             registry=r,
         )
@@ -157,15 +158,18 @@ class ProxyMetrics:
         self.retries = Counter(
             "pdserve_retries",
             "Upstream legs retried, by stage: prefill (a prefill leg sent again to another "
-            "prefill instance), decode (a request moved to another decode instance, see "
-            "pdserve_migrations_total).",
+            "prefill instance), decode (a request moved to another decode instance, or to "
+            "another prefill instance serving it whole while no decode instance is routable; "
+            "see pdserve_migrations_total).",
             ["stage"],
             registry=r,
         )
         self.migrations = Counter(
             "pdserve_migrations",
-            "Requests moved to another decode instance after their decode leg failed, one per "
-            "move (a request moved twice counts 2), counted when the request ends. stage: "
+            "Requests moved to another decode instance after their decode leg failed (or, "
+            "while no decode instance is routable, to another prefill instance serving them "
+            "whole), one per move (a request moved twice counts 2), counted when the request "
+            "ends. stage: "
             "before_first_byte (the client had no byte yet; the move runs a fresh prefill "
             "leg), mid_stream (the client's stream had started; the answer continues from "
             "the tokens it has). outcome: succeeded (the request then ended with HTTP 200, "

@@ -15,6 +15,12 @@ A decode leg that dies or stalls once the client's stream has started is continu
 another decode instance from the tokens the client has (``retries.mid_stream``): the
 stream's decode legs ask for token ids, and the continuation is a token-id request whose
 chunks are rewritten into the client's stream (``proxy.stream_resume``).
+
+While no decode instance is routable but a prefill instance is, a prefill instance (a full
+vLLM engine) serves the request whole, as a decode instance serves an aggregated one: the
+client's bytes, no ``kv_transfer_params`` (``RoutePath.PREFILL_FALLBACK``). That leg is a
+decode leg in all but the instance's role: the same retries, moves and continuations, on
+the prefill pool's policy and load accounting, never twice on an instance that failed.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class RoutePath(enum.Enum):
     DISAGGREGATED = "disaggregated"
     AGGREGATED = "aggregated"
     FALLBACK = "fallback"  # disaggregation wanted, but no prefill instance is routable
+    # No decode instance is routable: a prefill instance serves the request whole.
+    PREFILL_FALLBACK = "prefill_fallback"
 
 
 class UpstreamReply(Exception):
@@ -106,9 +114,12 @@ class _RequestState:
     # What the next decode leg asks for: the client's request or, after a break
     # mid-stream, the continuation of its answer.
     leg: ClientRequest
-    # Decode instances (URLs) whose leg failed for this request: never tried again.
-    failed_decodes: tuple[str, ...] = ()
-    retries: int = 0  # moves to another decode instance, at either stage
+    # Instances (URLs) whose serving leg failed for this request (decode instances, or
+    # prefill instances serving it whole): never tried again, for any leg.
+    failed: tuple[str, ...] = ()
+    # Of those, the ones that refused the connection or never answered it: down, not busy.
+    unreachable: tuple[str, ...] = ()
+    retries: int = 0  # moves to another instance, at either stage
     mid_stream_moves: int = 0  # those made after the client had bytes
     # The last failed decode attempt's error, answered when no further attempt is made.
     error: ProxyError | UpstreamReply | None = None
@@ -163,6 +174,9 @@ class PDFlow:
             for stage in ("before_first_byte", "mid_stream")
             for ok in (True, False)
         }
+        # Whether the last request routed went to a prefill instance for want of a decode
+        # one: the change is logged once each way, not per request.
+        self._serving_on_prefill = False
 
     # -- entry point ------------------------------------------------------------------
 
@@ -244,25 +258,69 @@ class PDFlow:
                 state.resume = ResumableStream(state.req)
 
     def _choose_path(self, req: ClientRequest) -> RoutePath:
+        registry = self._registry
+        if not registry.routable(Role.DECODE):
+            if registry.routable(Role.PREFILL):
+                if not self._serving_on_prefill:
+                    self._serving_on_prefill = True
+                    log.warning(
+                        "no decode instance is routable (%d registered): requests are served "
+                        "whole by prefill instances (path %s) until one is",
+                        len(registry.instances(Role.DECODE)), RoutePath.PREFILL_FALLBACK.value,
+                    )  # fmt: skip
+                return RoutePath.PREFILL_FALLBACK
+            # Neither pool is routable: the request fails with a 503 (no decode instance).
+        elif self._serving_on_prefill:
+            self._serving_on_prefill = False
+            log.info(
+                "decode instances are routable again (%d): requests no longer go to prefill "
+                "instances whole", len(registry.routable(Role.DECODE)),
+            )  # fmt: skip
         if not req.single_sequence or req.prompt_tokens < self._disagg_min:
             return RoutePath.AGGREGATED
-        if self._registry.routable(Role.PREFILL):
+        if registry.routable(Role.PREFILL):
             return RoutePath.DISAGGREGATED
-        if self._registry.instances(Role.PREFILL):
+        if registry.instances(Role.PREFILL):
             return RoutePath.FALLBACK
         return RoutePath.AGGREGATED
+
+    def _reroute(self, state: _RequestState, path: RoutePath) -> RoutePath:
+        """The path of a further attempt: chosen again when the decode pool emptied, or
+        came back, since ``path`` was chosen; whole on a prefill instance when every decode
+        instance still routable is unreachable for this request (a lost node, before the
+        health checks eject it); otherwise ``path``."""
+        if bool(self._registry.routable(Role.DECODE)) is (path is RoutePath.PREFILL_FALLBACK):
+            return self._choose_path(state.leg)
+        if (
+            path is not RoutePath.PREFILL_FALLBACK
+            and self._decode_pool_unreachable(state)
+            and self._candidates(state, Role.PREFILL)
+        ):
+            return RoutePath.PREFILL_FALLBACK
+        return path
+
+    def _decode_pool_unreachable(self, state: _RequestState) -> bool:
+        """Every routable decode instance refused or timed out this request's connection.
+        Only then does a request go whole to a prefill instance while decodes are routable:
+        a decode that answered (an error, a timeout, a broken stream) is busy or failing on
+        this request, and moving decode work onto the prefill pool would not help."""
+        routable = self._registry.routable(Role.DECODE)
+        return bool(routable) and all(i.url in state.unreachable for i in routable)
 
     async def _serve(self, state: _RequestState, path: RoutePath) -> tuple[web.StreamResponse, int]:
         """Prefill leg (when disaggregated), then decode leg; both again, on another decode
         instance, for as long as the decode leg fails and ``retries`` allows: before the
         client has a byte the request starts over, after it the answer continues from the
-        tokens the client has."""
+        tokens the client has. On ``PREFILL_FALLBACK`` the decode leg goes to a prefill
+        instance, which serves the request whole."""
         while True:
             leg = state.leg
             load = leg.prompt_tokens + leg.max_tokens
+            whole_on_prefill = path is RoutePath.PREFILL_FALLBACK
+            role = Role.PREFILL if whole_on_prefill else Role.DECODE
             # Checked before the prefill leg: prefilling for a request no one can decode
             # would only strand KV blocks on the prefill instance.
-            if not self._decode_candidates(state):
+            if not self._candidates(state, role):
                 raise state.error or ProxyError(503, "no healthy decode instance")
             prefilled_at: float | None = None
             kv_params: dict[str, Any] | None = None
@@ -281,15 +339,18 @@ class PDFlow:
                 state.path = path
             status = 500
             try:
-                candidates = self._decode_candidates(state)
+                candidates = self._candidates(state, role)
                 if not candidates:
                     raise state.error or ProxyError(503, "no healthy decode instance")
-                instance = self._select(self._decode, candidates, state.routing)
+                routed = self._prefill if whole_on_prefill else self._decode
+                instance = self._select(routed, candidates, state.routing)
                 instance.in_flight_requests += 1
                 instance.in_flight_tokens += load
                 try:
+                    # A prefill instance's queue holds the prompt until its first byte.
+                    queued = leg.prompt_tokens if whole_on_prefill else 0
                     response, status = await self._decode_leg(
-                        state, instance, body, path, prefilled_at
+                        state, instance, body, path, prefilled_at, queued
                     )
                     return response, status
                 except (ProxyError, UpstreamReply) as failure:
@@ -305,7 +366,8 @@ class PDFlow:
                             return await self._end_stream(state, step.data), 200
                         backoff = step
                         # A continuation is routed like any request: disaggregated unless
-                        # its prompt is short or no prefill instance is routable. Its
+                        # its prompt is short or no prefill instance is routable (whole on
+                        # a prefill instance while no decode instance is). Its
                         # prompt (the original one plus the tokens so far) is then
                         # prefilled where the original prompt most likely still sits in
                         # the prefix cache, and the new decode instance pulls the KV
@@ -323,19 +385,28 @@ class PDFlow:
                     self._kv_releaser.release_soon(kv_params)
             if backoff:
                 await asyncio.sleep(backoff)
+            # The decode pool may have emptied, or come back, during the attempt or the wait.
+            path = self._reroute(state, path)
 
-    def _decode_candidates(self, state: _RequestState) -> list[Instance]:
-        candidates = self._registry.routable(Role.DECODE)
-        if state.failed_decodes:
-            candidates = [c for c in candidates if c.url not in state.failed_decodes]
+    def _candidates(self, state: _RequestState, role: Role) -> list[Instance]:
+        """Routable instances of ``role`` for the request's serving leg, but none it failed on."""
+        candidates = self._registry.routable(role)
+        if state.failed:
+            candidates = [c for c in candidates if c.url not in state.failed]
         return candidates
+
+    def _next_role(self, state: _RequestState) -> Role:
+        """The role of the instance a further serving leg goes to (see ``_reroute``)."""
+        if not self._registry.routable(Role.DECODE) or self._decode_pool_unreachable(state):
+            return Role.PREFILL
+        return Role.DECODE
 
     def _retry_after(
         self, state: _RequestState, instance: Instance, failure: ProxyError | UpstreamReply
     ) -> float | None:
         """Record a decode leg that failed before the client had a byte; the wait before the
         request moves to another decode instance, or None when it may not move."""
-        state.failed_decodes += (instance.url,)
+        state.failed += (instance.url,)
         state.error = failure
         backoff = self._move_backoff(state)
         if backoff is None:
@@ -347,10 +418,10 @@ class PDFlow:
         else:
             reason = f"it answered HTTP {failure.status}: {failure.body[:200]!r}"
         log.warning(
-            "request %s: decode instance %s failed before the client had a byte (%s); "
-            "moving the request to another decode instance (move %d of at most %d)",
-            state.request_id, instance.url, reason, state.retries,
-            self._retry.decode_attempts - 1,
+            "request %s: %s instance %s failed before the client had a byte (%s); "
+            "moving the request to another %s instance (move %d of at most %d)",
+            state.request_id, instance.role, instance.url, reason, self._next_role(state),
+            state.retries, self._retry.decode_attempts - 1,
         )  # fmt: skip
         return backoff
 
@@ -361,10 +432,10 @@ class PDFlow:
         answer continues on another decode instance, the ending the proxy writes itself
         when the stream had all its tokens, or the error the stream ends with."""
         url = instance.url
-        state.failed_decodes += (url,)
+        state.failed += (url,)
         if isinstance(failure, UpstreamReply):
             error = ProxyError(
-                502, f"decode instance {url} answered HTTP {failure.status} to the "
+                502, f"{instance.role} instance {url} answered HTTP {failure.status} to the "
                 f"continuation of the stream: {failure.body[:200]!r}",
             )  # fmt: skip
         else:
@@ -372,18 +443,18 @@ class PDFlow:
         state.error = error
         resume = state.resume
         if resume is None:
-            return self._not_continued(state, url, error, state.not_resumable or "unknown")
+            return self._not_continued(state, instance, error, state.not_resumable or "unknown")
         if isinstance(failure, UpstreamReply) and failure.status not in _RETRYABLE_DECODE_STATUSES:
-            return self._not_continued(state, url, error, "the continuation was refused")
+            return self._not_continued(state, instance, error, "the continuation was refused")
         context_length = self._context_length(state.req.model) if self._context_length else None
         step = resume.after_break(context_length)
         if isinstance(step, str):
-            return self._not_continued(state, url, error, step)
+            return self._not_continued(state, instance, error, step)
         if isinstance(step, Ending):
             log.warning(
-                "request %s: decode instance %s failed after the stream's last token (%s); "
+                "request %s: %s instance %s failed after the stream's last token (%s); "
                 "the proxy ends the stream itself",
-                state.request_id, url, error.message,
+                state.request_id, instance.role, url, error.message,
             )  # fmt: skip
             return step
         if step.generated > state.tokens_at_break:
@@ -394,7 +465,7 @@ class PDFlow:
         backoff = self._move_backoff(state)
         if backoff is None:
             return self._not_continued(
-                state, url, error, "no decode attempt, time or untried decode instance left"
+                state, instance, error, "no attempt, time or untried instance left"
             )
         leg = step.request
         state.leg = leg
@@ -405,33 +476,34 @@ class PDFlow:
         state.mid_stream_moves += 1
         self._decode_retries.inc()
         log.warning(
-            "request %s: decode instance %s failed mid-stream after %d output tokens (%s); "
-            "continuing the stream on another decode instance (move %d of at most %d)",
-            state.request_id, url, step.generated, error.message, state.retries,
-            self._retry.decode_attempts - 1,
+            "request %s: %s instance %s failed mid-stream after %d output tokens (%s); "
+            "continuing the stream on another %s instance (move %d of at most %d)",
+            state.request_id, instance.role, url, step.generated, error.message,
+            self._next_role(state), state.retries, self._retry.decode_attempts - 1,
         )  # fmt: skip
         return backoff
 
     def _not_continued(
-        self, state: _RequestState, url: str, error: ProxyError, why: str
+        self, state: _RequestState, instance: Instance, error: ProxyError, why: str
     ) -> ProxyError:
         log.warning(
-            "request %s: decode instance %s failed mid-stream (%s); the stream ends with an "
+            "request %s: %s instance %s failed mid-stream (%s); the stream ends with an "
             "error: it cannot continue elsewhere (%s)",
-            state.request_id, url, error.message, why,
+            state.request_id, instance.role, instance.url, error.message, why,
         )  # fmt: skip
         return error
 
     def _move_backoff(self, state: _RequestState) -> float | None:
-        """The wait before the request's next move to another decode instance, or None
-        when ``retries`` allows none (attempts, deadline) or no untried instance is left."""
+        """The wait before the request's next move to another instance, or None when
+        ``retries`` allows none (attempts, deadline) or no untried instance is left: a
+        decode instance, or while none is routable, a prefill instance to serve it whole."""
         retry = self._retry
         if state.retries + 1 >= retry.decode_attempts:
             return None
         backoff = min(retry.backoff_s * 2**state.retries, retry.backoff_max_s)
         if asyncio.get_running_loop().time() + backoff >= state.deadline:
             return None
-        if not self._decode_candidates(state):
+        if not self._candidates(state, self._next_role(state)):
             return None
         return backoff
 
@@ -465,13 +537,14 @@ class PDFlow:
         """kv_transfer_params from a prefill instance, trying a second one once (within the
         request's deadline).
 
-        None when no prefill instance is routable at all.
+        None when no prefill instance is routable at all (none that did not fail the
+        request while serving it whole, either).
         """
         body = prefill_body(state.leg)
         failed: Instance | None = None
         error: ProxyError | None = None
         for attempt in range(2):
-            candidates = self._registry.routable(Role.PREFILL)
+            candidates = self._candidates(state, Role.PREFILL)
             if failed is not None:
                 candidates = [c for c in candidates if c is not failed]
             if not candidates:
@@ -562,13 +635,16 @@ class PDFlow:
         body: bytes,
         path: RoutePath,
         prefilled_at: float | None,
+        queued: int = 0,
     ) -> tuple[web.StreamResponse, int]:
-        """Relay the decode instance's answer to the client.
+        """Relay the decode instance's answer to the client (or, on ``PREFILL_FALLBACK``,
+        the answer of a prefill instance serving the request whole).
 
         Raises ProxyError, or UpstreamReply (a 5xx answer; any other than 200 to a
         continuation), when the leg fails: before the client has a byte, the request may
         then start over on another decode instance; after it, the answer may continue on
-        one (see ``_serve``).
+        one (see ``_serve``). ``queued``: prompt tokens counted in the instance's
+        ``queued_prompt_tokens`` until its first byte.
         """
         loop = asyncio.get_running_loop()
         metrics = self._metrics
@@ -576,6 +652,10 @@ class PDFlow:
         resume = state.resume
         routing = state.routing
         url = instance.url
+        what = f"{instance.role} instance {url}"  # for error messages
+        # The routing policy that learns from this leg: a prefill instance's policy
+        # models prefill legs, which a request served whole is not.
+        policy = self._decode.policy if instance.role is Role.DECODE else None
         sent = loop.time()
         budget = min(self._timeouts.first_byte_s, state.deadline - sent)
         if budget <= 0:
@@ -584,6 +664,7 @@ class PDFlow:
             metrics.stage_handoff.observe(sent - prefilled_at)
         upstream: UpstreamResponse | None = None
         streaming = False  # this leg's first chunk came: a silence from now on is a stall
+        instance.queued_prompt_tokens += queued
         try:
             async with asyncio.timeout(budget) as deadline:
                 upstream = await self._pool.request(
@@ -592,12 +673,15 @@ class PDFlow:
                 if not (leg.stream and upstream.status == 200):
                     data = await upstream.read()
                     metrics.stage_decode_first_token.observe(loop.time() - sent)
+                    instance.queued_prompt_tokens -= queued
+                    queued = 0
                     if state.out is not None:
                         # Refused a continuation: the client's stream is under way, so
                         # the answer is never relayed as one of its own.
                         raise UpstreamReply(upstream.status, data, upstream.content_type)
                     if upstream.status == 200:
-                        self._decode.policy.observe(instance, routing, loop.time() - sent)
+                        if policy is not None:
+                            policy.observe(instance, routing, loop.time() - sent)
                         if prefilled_at is not None:
                             metrics.kv_handoff_outcomes[handoff_outcome(data)].inc()
                     elif upstream.status in _RETRYABLE_DECODE_STATUSES:
@@ -612,10 +696,12 @@ class PDFlow:
                     )
                     return response, upstream.status
                 chunk = await upstream.next_chunk()
+                instance.queued_prompt_tokens -= queued
+                queued = 0
                 if resume is not None:
                     chunk = await _first_events(upstream, resume, chunk)
                 if not chunk:
-                    raise ProxyError(502, f"decode instance {url} ended the stream without data")
+                    raise ProxyError(502, f"{what} ended the stream without data")
                 streaming = True
                 now = loop.time()
                 metrics.stage_decode_first_token.observe(now - sent)
@@ -699,7 +785,8 @@ class PDFlow:
                         raise ClientGone(out) from None
             if resume is not None:
                 tail += resume.flush()
-            self._decode.policy.observe(instance, routing, loop.time() - sent)
+            if policy is not None:
+                policy.observe(instance, routing, loop.time() - sent)
             try:
                 await out.write_eof(tail)
             except ConnectionResetError:
@@ -708,27 +795,29 @@ class PDFlow:
         except UpstreamConnectTimeout:
             self._timeout_counters["connect"].inc()
             self._health.record_failure(instance, "connect timeout")
+            state.unreachable += (url,)
             raise ProxyError(
-                504, f"connecting to decode instance {url} timed out "
-                f"after {self._timeouts.connect_s:g}s",
+                504, f"connecting to {what} timed out after {self._timeouts.connect_s:g}s",
             ) from None  # fmt: skip
         except UpstreamConnectError as exc:
             self._health.record_failure(instance, str(exc))
-            raise ProxyError(502, f"cannot connect to decode instance {url}: {exc}") from None
+            state.unreachable += (url,)
+            raise ProxyError(502, f"cannot connect to {what}: {exc}") from None
         except UpstreamError as exc:
-            raise ProxyError(502, f"decode instance {url} failed: {_describe(exc)}") from None
+            raise ProxyError(502, f"{what} failed: {_describe(exc)}") from None
         except TimeoutError:
             if not streaming:
                 self._timeout_counters["first_byte"].inc()
                 raise ProxyError(
-                    504, f"decode instance {url} sent nothing within "
+                    504, f"{what} sent nothing within "
                     f"{self._within(budget, self._timeouts.first_byte_s)}",
                 ) from None  # fmt: skip
             self._timeout_counters["stall"].inc()
             raise ProxyError(
-                504, f"decode instance {url} stalled for more than {self._timeouts.stall_s:g}s"
+                504, f"{what} stalled for more than {self._timeouts.stall_s:g}s"
             ) from None
         finally:
+            instance.queued_prompt_tokens -= queued
             if upstream is not None:
                 # A no-op after a complete read; otherwise it drops the connection,
                 # which makes vLLM abort the request.

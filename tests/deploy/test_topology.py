@@ -179,3 +179,27 @@ def test_multinode_script() -> None:
     first_start = text.index("\n    ray start ")
     assert text.index("export ASCEND_RT_VISIBLE_DEVICES") < first_start
     assert text.index("export NCCL_SOCKET_IFNAME") < first_start
+
+
+def test_multinode_script_refuses_a_loopback_node_address_and_a_missing_token(
+    tmp_path: Path,
+) -> None:
+    script = DEPLOY / "multinode" / "start-node.sh"
+    # Both refusals come before any `ray` command runs: PATH without ray proves it.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    head = subprocess.run(
+        ["bash", str(script), "head", "cpu"],
+        env={**env, "NODE_IP": "127.0.0.1"},
+        capture_output=True,
+        text=True,
+    )
+    assert head.returncode == 2
+    assert "set NODE_IP=<this node's address>" in head.stderr
+    worker = subprocess.run(
+        ["bash", str(script), "worker", "cpu"],
+        env={**env, "RAY_HEAD": "10.0.0.1:6379"},
+        capture_output=True,
+        text=True,
+    )
+    assert worker.returncode == 2
+    assert "set RAY_AUTH_TOKEN" in worker.stderr

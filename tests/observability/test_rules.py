@@ -122,6 +122,7 @@ def test_every_alert_has_severity_summary_and_description() -> None:
     assert {
         "PdserveNoHealthyPrefillInstance",
         "PdserveNoHealthyDecodeInstance",
+        "PdservePrefillFallback",
         "PdserveTTFTp99OverSLO",
         "PdserveKVTransferFailures",
         "PdserveKVLeaseExpired",

@@ -124,7 +124,11 @@ async def test_failed_decode_leg_releases_the_prefill_blocks_at_once(
         prefill.faults.delay_s = 0.3
         asyncio.get_running_loop().call_later(0.1, proxy.registry.drain, decode.url)
     async with http.post(proxy.url + "/v1/completions", json=_body()) as response:
-        assert response.status >= 500
+        if failure == "decode-unreachable":
+            # No decode accepts a connection: the prefill instance serves it whole.
+            assert response.status == 200
+        else:
+            assert response.status >= 500
     for _ in range(100):  # the release runs in the background: allow it up to 2 s
         if not len(leases):
             break

@@ -264,7 +264,7 @@ async def test_models_come_from_the_decode_pool(
 
 
 async def test_health_reflects_the_decode_pool(
-    proxy: ProxyServer, decode: FakeWorker, http: aiohttp.ClientSession
+    proxy: ProxyServer, prefill: FakeWorker, decode: FakeWorker, http: aiohttp.ClientSession
 ) -> None:
     async with http.get(proxy.url + "/health") as response:
         assert response.status == 200
@@ -272,6 +272,9 @@ async def test_health_reflects_the_decode_pool(
     proxy.registry.set_healthy(proxy.registry.require(decode.url), False)
     async with http.get(proxy.url + "/health") as response:
         assert response.status == 503
+    # With a healthy prefill instance the request would be served whole there
+    # (test_prefill_fallback.py); with neither pool routable it fails.
+    proxy.registry.set_healthy(proxy.registry.require(prefill.url), False)
     async with http.post(proxy.url + CHAT, json=client_body(CHAT, False)) as response:
         assert response.status == 503
         error = (await response.json())["error"]

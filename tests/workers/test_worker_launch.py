@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from deploy.worker_launch import (
     WorkerSpec,
     build_command,
     free_port,
+    group_alive,
     role_settings,
     spec_from_mapping,
     start_worker,
@@ -28,6 +30,8 @@ from deploy.worker_launch import (
     validate_spec,
     wait_until_ready,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -255,3 +259,69 @@ def test_pin_process_tree_confines_every_process_to_the_core(
     allowed = [line.split(":", 1)[1].strip() for line in log.read_text().splitlines()]
     everything = Path("/proc/self/status").read_text().split("Cpus_allowed_list:")[1].split()[0]
     assert allowed == ([str(core)] * 2 if pin else [everything] * 2)
+
+
+def _group_with_a_grandchild() -> subprocess.Popen[bytes]:
+    """A group leader with a child of its own, like vLLM's API server and engine core."""
+    return subprocess.Popen(
+        ["bash", "-c", "sleep 120 & wait"], start_new_session=True, stdin=subprocess.DEVNULL
+    )
+
+
+def _holder(pgid: int, release: bool) -> subprocess.Popen[str]:
+    """A process that arms a lifeline for ``pgid`` (and releases it if asked), then waits."""
+    program = (
+        "import sys, time\n"
+        "from deploy.worker_launch import GroupLifeline\n"
+        f"lifeline = GroupLifeline({pgid})\n"
+        + ("lifeline.release()\n" if release else "")
+        + "print('armed', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", program], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "armed"
+    return holder
+
+
+def _wait_group_gone(group: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        group.poll()  # a leader this test started stays a group member until reaped
+        if not group_alive(group.pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_lifeline_kills_the_group_when_its_holder_is_sigkilled() -> None:
+    group = _group_with_a_grandchild()
+    holder = _holder(group.pid, release=False)
+    try:
+        time.sleep(0.3)
+        assert group_alive(group.pid)
+        holder.kill()
+        holder.wait()
+        assert _wait_group_gone(group, 10.0), "the orphaned group outlived its holder"
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group.pid, signal.SIGKILL)
+        group.wait()
+
+
+@pytest.mark.timeout(60)
+def test_released_lifeline_leaves_the_group_alone() -> None:
+    group = _group_with_a_grandchild()
+    holder = _holder(group.pid, release=True)
+    try:
+        holder.kill()
+        holder.wait()
+        assert not _wait_group_gone(group, 1.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group.pid, signal.SIGKILL)
+        group.wait()

@@ -1,0 +1,1 @@
+"""Multi-node deployment: node start script and the two-namespace lab."""
