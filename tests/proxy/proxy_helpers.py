@@ -24,6 +24,19 @@ MODEL = "fake-model"
 KV_SECRET = b"proxy-test-secret"
 # `pdserve ...` as a child process, with this interpreter.
 PDSERVE = [sys.executable, "-m", "deploy.cli"]
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def openai_body(path: str, stream: bool, content: str, **extra: Any) -> dict[str, Any]:
+    """A client's request to ``path``: ``content`` as the chat message or the prompt;
+    ``extra`` adds or overrides fields."""
+    body: dict[str, Any] = {"model": MODEL, "stream": stream}
+    if path == CHAT:
+        body["messages"] = [{"role": "user", "content": content}]
+    else:
+        body["prompt"] = content
+    return {**body, **extra}
 
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = 3.0) -> None:

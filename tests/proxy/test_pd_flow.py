@@ -7,7 +7,15 @@ import orjson
 import pytest
 import uvloop
 from conftest import ProxyFactory
-from proxy_helpers import MODEL, metric_value, sse_events, without_token_ids
+from proxy_helpers import (
+    CHAT,
+    COMPLETIONS,
+    MODEL,
+    metric_value,
+    openai_body,
+    sse_events,
+    without_token_ids,
+)
 
 from benchmarks.fake_worker import FakeWorker
 from proxy.server import ProxyServer
@@ -19,18 +27,8 @@ def event_loop_policy() -> uvloop.EventLoopPolicy:
     return uvloop.EventLoopPolicy()
 
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-
-
 def client_body(path: str, stream: bool, **extra: object) -> dict[str, object]:
-    body: dict[str, object] = {"model": MODEL, "max_tokens": 3, "stream": stream}
-    if path == CHAT:
-        body["messages"] = [{"role": "user", "content": "tell me a story about a cat"}]
-    else:
-        body["prompt"] = "tell me a story about a cat"
-    body.update(extra)
-    return body
+    return openai_body(path, stream, "tell me a story about a cat", **{"max_tokens": 3, **extra})
 
 
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT])

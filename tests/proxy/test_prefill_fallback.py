@@ -12,27 +12,29 @@ import aiohttp
 import orjson
 import pytest
 from conftest import ProxyFactory, WorkerFactory
-from proxy_helpers import MODEL, assert_no_load_left, metric_value, sse_events, wait_for
+from proxy_helpers import (
+    CHAT,
+    COMPLETIONS,
+    MODEL,
+    assert_no_load_left,
+    metric_value,
+    openai_body,
+    sse_events,
+    wait_for,
+)
 
 from benchmarks.fake_worker import FakeWorker
 from deploy.worker_launch import free_port
 from proxy.instances import Role
 from proxy.server import ProxyServer
 
-COMPLETIONS = "/v1/completions"
-CHAT = "/v1/chat/completions"
 ENDPOINTS = {COMPLETIONS: "completions", CHAT: "chat_completions"}
 FALLING_BACK = "no decode instance is routable"
 BACK = "decode instances are routable again"
 
 
 def body_for(path: str, stream: bool, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": MODEL, "max_tokens": 4, "stream": stream}
-    if path == CHAT:
-        body["messages"] = [{"role": "user", "content": "tell me about the sea"}]
-    else:
-        body["prompt"] = "tell me about the sea"
-    return {**body, **extra}
+    return openai_body(path, stream, "tell me about the sea", **{"max_tokens": 4, **extra})
 
 
 async def post(
