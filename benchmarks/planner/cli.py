@@ -40,6 +40,10 @@ ACTIONS: dict[str, tuple[str, str]] = {
         "benchmarks.planner.cli",
         "simulate a fleet from a profile: latency at rates, goodput, or the best P:D split",
     ),
+    "overhead": (
+        "benchmarks.planner.decode_overhead",
+        "a decode step's cost inside 1P1D, term by term: neighbour, handoff, proxy",
+    ),
     "validate": (
         "benchmarks.planner.validate",
         "replay a measured `pdserve bench pd` run in the simulator: predicted vs measured",

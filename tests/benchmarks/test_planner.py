@@ -640,7 +640,7 @@ def test_recommend_split_tries_every_split_and_aggregated() -> None:
 
 def test_registered_as_pdserve_plan() -> None:
     assert SUBCOMMANDS["plan"][0] == "benchmarks.planner.cli"
-    assert set(planner_cli.ACTIONS) == {"profile", "simulate", "validate"}
+    assert set(planner_cli.ACTIONS) == {"profile", "simulate", "validate", "overhead"}
 
 
 def test_import_stays_light() -> None:
