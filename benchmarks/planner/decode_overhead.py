@@ -23,7 +23,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -195,8 +197,8 @@ def _interleave(
 
 def run(args: argparse.Namespace) -> int:
     cores = _check(args)
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"pdserve-overhead-{os.getpid()}"
-    workdir.mkdir(parents=True, exist_ok=True)
+    # Engine logs and the generated model; removed after a good run, kept to read after a bad one.
+    workdir = Path(tempfile.mkdtemp(prefix="pdserve-plan-overhead-"))
     load_before = os.getloadavg()
     try:
         with signals_as_interrupt():
@@ -210,10 +212,13 @@ def run(args: argparse.Namespace) -> int:
             settings = engine_settings(args, model)
             samples = _measure(args, settings, cores, workdir)
     except BenchError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(f"{exc} (logs kept in {workdir})") from None
+    except (OSError, ValueError, KeyError) as exc:  # an engine or the proxy failed a request
+        raise CliError(f"a measured request failed: {exc!r} (logs kept in {workdir})") from None
     except KeyboardInterrupt:
-        print("interrupted; engines stopped", flush=True)
+        print(f"interrupted; engines stopped, logs kept in {workdir}", flush=True)
         return 130
+    shutil.rmtree(workdir, ignore_errors=True)
     results = summarise(samples)
     print(format_table(results))
     report = {
