@@ -25,7 +25,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -138,23 +138,6 @@ class TwoNodeLab:
     def command(self, node: LabNode, argv: Sequence[str]) -> list[str]:
         """``argv`` as run inside ``node``'s namespace."""
         return ["ip", "netns", "exec", node.netns, *argv]
-
-    def run(
-        self,
-        node: LabNode,
-        argv: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        timeout_s: float = 600.0,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` in ``node`` to completion; output captured as text."""
-        return subprocess.run(
-            self.command(node, argv),
-            env=None if env is None else dict(env),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            stdin=subprocess.DEVNULL,
-        )
 
     def pids(self, node: LabNode) -> list[int]:
         """Every process whose network namespace is ``node``'s."""
