@@ -56,9 +56,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SCRAPE_S = 1
-# Grafana's $__rate_interval for a 1 s step and 1 s scrape is max(1+1, 4*1) = 4 s; a little
-# more keeps every window holding at least four scrapes despite scheduling jitter.
-RATE_INTERVAL = "6s"
+# Series the load creates and the proxy's own counters it compares with Prometheus's.
+CAUGHT_UP_METRICS = ("pdserve_requests_total", "pdserve_inter_token_latency_seconds_count")
 
 
 @dataclass
@@ -263,6 +262,35 @@ class Scraped:
     prometheus: PrometheusServer
     start: float
     end: float
+    # $__rate_interval as substituted: spans the baseline scrape to the last one.
+    rate_interval: str
+
+
+def _proxy_totals(deployment: Deployment) -> dict[str, float]:
+    """The proxy's own sums of CAUGHT_UP_METRICS, read from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{deployment.proxy_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    totals = dict.fromkeys(CAUGHT_UP_METRICS, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals
+
+
+def _wait_caught_up(prom: PrometheusServer, deployment: Deployment) -> None:
+    """Block until Prometheus holds a scrape of the proxy taken after every request so far.
+
+    A starved proxy can miss scrapes (1 s timeout) for a while; waiting on the values
+    rather than on the clock makes the range queries see the whole load every time.
+    """
+    totals = _proxy_totals(deployment)
+    expr = " and ".join(
+        f'sum({name}{{pdserve_role="proxy"}}) == {value:g}' for name, value in totals.items()
+    )
+    prom.wait_for(expr, 120, "a scrape of the proxy after the load")
 
 
 @contextlib.contextmanager
@@ -277,10 +305,18 @@ def scraped(deployment: Deployment, workdir: Path, requests: int) -> Iterator[Sc
     try:
         expected = sum(len(v) for v in targets.values())
         prom.wait_for(f"count(up == 1) == {expected}", 90, "every target scraped")
-        start = time.time()
+        # rate() counts increases from a series' first sample on, so every series the load
+        # makes gets a scraped baseline first; a rate window reaching back to it then holds
+        # an increase whatever scrapes a busy machine drops during the load.
+        _send_load(deployment, 3)
+        _wait_caught_up(prom, deployment)
+        baseline = time.time()
         _send_load(deployment, requests)
-        time.sleep(4 * SCRAPE_S)  # the last scrapes after the load
-        yield Scraped(deployment, prom, start - 2, time.time())
+        _wait_caught_up(prom, deployment)
+        time.sleep(2 * SCRAPE_S)  # the workers' scrapes after the load too
+        end = time.time()
+        window = f"{int(end - baseline) + 4 * SCRAPE_S}s"
+        yield Scraped(deployment, prom, baseline, end, window)
     finally:
         prom.stop()
 
@@ -315,7 +351,7 @@ def _variable_values(s: Scraped, dashboard: Mapping[str, Any]) -> dict[str, list
         if variable["type"] != "query":
             continue
         selector, label = parse_label_values(variable["query"])
-        selector = interpolate(selector, chosen, RATE_INTERVAL)
+        selector = interpolate(selector, chosen, s.rate_interval)
         values = s.prometheus.label_values(label, selector, s.start, s.end)
         assert values, f"{dashboard['uid']}: variable ${variable['name']} has no values"
         options[variable["name"]] = values
@@ -338,7 +374,7 @@ def check_panels(s: Scraped, names: Sequence[str]) -> int:
         for selection in selections:
             selection["datasource"] = "unused"
             for panel, expr in panel_targets(dashboard):
-                query = interpolate(expr, selection, RATE_INTERVAL)
+                query = interpolate(expr, selection, s.rate_interval)
                 result = s.prometheus.query_range(query, s.start, s.end, SCRAPE_S)
                 checked += 1
                 if not has_finite_sample(result):
