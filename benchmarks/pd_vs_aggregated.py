@@ -1,7 +1,7 @@
 """PD disaggregation against aggregated serving on equal hardware: goodput under SLOs.
 
-Setups, each on the same two cores (``--cores``, default ``0,1``), each behind the same
-pdserve proxy, one after the other with nothing else running:
+Setups, each on the same two cores (``--cores``, default ``0,1``), each behind its own
+pdserve proxy, measured in turn with nothing else running:
 
 * **pd**: one prefill engine (KV producer) on the first core, one decode engine (KV consumer)
   on the second;
@@ -21,6 +21,13 @@ that share reaches ``--attainment`` (90 %); the report gives each setup's goodpu
 ratio over the aggregated setups. For PD it also reads the proxy's and the decode's counters
 around every run: every request must have taken the disaggregated path and pulled its KV,
 with no fallback, recompute or transfer failure.
+
+Every setup is started once, then the setups take turns rate by rate (the first setup of
+each rate rotates): the one measured runs, the others' process groups are stopped with
+SIGSTOP, so they neither spin on the cores nor restart, and a drift of the machine's speed
+lands on every setup alike rather than on whichever was measured later. ``--profile-out``
+also profiles one engine (``pdserve plan profile``) in the same run, after the sweep, for
+``pdserve plan validate``.
 
 The default model is the generated ``small`` preset (``pdserve make-tiny-model --preset
 small``), in which a long prefill costs tens of decode steps as on real models; ``--model``
@@ -52,7 +59,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +162,9 @@ class ProcessSet:
         # A second Ctrl-C must not cut the clean-up short and orphan an engine.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
+            # A paused group would only take SIGTERM once continued: its grace would run
+            # out and SIGKILL would cut its own clean-up short.
+            signal_group(started, signal.SIGCONT)
             (started.stopper or stop_group)(started.process)
             if group_alive(started.process.pid):
                 self.leftovers.append(f"{started.name} (process group {started.process.pid})")
@@ -165,6 +175,12 @@ class ProcessSet:
     def stop_all(self) -> None:
         for started in reversed(list(self.running)):
             self.stop(started)
+
+
+def signal_group(started: Started, signum: signal.Signals) -> None:
+    """``signum`` to ``started``'s whole process group (each was started as a group leader)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(started.process.pid, signum)
 
 
 @contextlib.contextmanager
@@ -255,10 +271,14 @@ def wait_engine(started: Started, timeout_s: float) -> None:
 
 
 def start_proxy(
-    processes: ProcessSet, prefill: Sequence[Started], decode: Sequence[Started]
+    processes: ProcessSet,
+    prefill: Sequence[Started],
+    decode: Sequence[Started],
+    name: str = "proxy",
 ) -> Started:
     """The pdserve proxy in front of ``decode`` (and ``prefill``: without it every request
-    takes the aggregated path, straight to a decode-pool engine, picked by ``least_load``)."""
+    takes the aggregated path, straight to a decode-pool engine, picked by ``least_load``),
+    logging to ``<log_dir>/<name>.log``."""
     port = free_port()
     config = processes.log_dir / "proxy.yaml"
     config.write_text(_PROXY_CONFIG)
@@ -267,7 +287,7 @@ def start_proxy(
     if prefill:
         argv += ["--prefill", *(engine.url for engine in prefill)]
     argv += ["--decode", *(engine.url for engine in decode)]
-    log_path = processes.log_dir / "proxy.log"
+    log_path = processes.log_dir / f"{name}.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             argv,
@@ -277,7 +297,7 @@ def start_proxy(
             start_new_session=True,
             cwd=Path(__file__).resolve().parent.parent,
         )
-    return processes.add(Started("proxy", f"http://127.0.0.1:{port}", process, log_path))
+    return processes.add(Started(name, f"http://127.0.0.1:{port}", process, log_path))
 
 
 def wait_serving(started: Started, probe: dict[str, Any], timeout_s: float) -> None:
@@ -581,14 +601,30 @@ def _tokenizer(
     )
 
 
-def measure_setup(
+@dataclass
+class RunningSetup:
+    """One setup's engines and proxy: started once, paused while another setup is measured."""
+
+    setup: Setup
+    engines: list[Started]
+    proxy: Started
+
+    @property
+    def pd(self) -> bool:
+        return bool(self.setup.prefill)
+
+
+def _probe(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": args.served_model_name, "prompt": "warm up", "max_tokens": 2}
+
+
+def start_setup(
     setup: Setup,
     settings: EngineSettings,
-    datasets: Sequence[RateDataset],
     args: argparse.Namespace,
     processes: ProcessSet,
     startup: dict[str, float | None],
-) -> list[RatePoint]:
+) -> RunningSetup:
     print(f"{setup.name}: starting {setup.description} ...", file=sys.stderr, flush=True)
     engines = [
         start_engine(processes, e.role, e.core, settings, e.name, prefix_caching=True)
@@ -598,54 +634,127 @@ def measure_setup(
         wait_engine(engine, args.startup_timeout)
     prefill = [s for s, e in zip(engines, setup.engines, strict=True) if e.role == "prefill"]
     decode = [s for s, e in zip(engines, setup.engines, strict=True) if e.role != "prefill"]
-    proxy = start_proxy(processes, prefill, decode)
-    probe = {"model": args.served_model_name, "prompt": "warm up", "max_tokens": 2}
+    proxy = start_proxy(processes, prefill, decode, f"proxy-{setup.name}")
     for engine in decode:  # each engine once, then the whole path
-        wait_serving(engine, probe, args.startup_timeout)
-    wait_serving(proxy, probe, args.startup_timeout)
+        wait_serving(engine, _probe(args), args.startup_timeout)
+    wait_serving(proxy, _probe(args), args.startup_timeout)
     startup.update({engine.name: engine.ready_s for engine in engines})
-    points = []
+    return RunningSetup(setup, engines, proxy)
+
+
+def pause(running: RunningSetup) -> None:
+    """SIGSTOP the setup's proxy, then its engines: idle vLLM engines busy-poll, so a setup
+    that is not measured must not run at all."""
+    for started in (running.proxy, *running.engines):
+        signal_group(started, signal.SIGSTOP)
+
+
+def resume(running: RunningSetup, args: argparse.Namespace) -> None:
+    """SIGCONT the engines, then the proxy once they answer; return once the proxy counts
+    every engine healthy and a completion has gone through it.
+
+    The proxy is continued last so that its health checks (and their timeouts, which ran on
+    while it was stopped) meet engines that answer again; it ejects an instance only after
+    several failed checks, and the wait below sees any that it did eject readmitted."""
+    for started in running.engines:
+        signal_group(started, signal.SIGCONT)
+    for engine in running.engines:
+        wait_engine(engine, args.startup_timeout)
+    signal_group(running.proxy, signal.SIGCONT)
+    wait_all_healthy(running.proxy, len(running.engines), args.startup_timeout)
+    wait_serving(running.proxy, _probe(args), args.startup_timeout)
+
+
+def wait_all_healthy(proxy: Started, engines: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    healthy: float | None = None
+    while time.monotonic() < deadline:
+        healthy = metric_sum(proxy.url, "pdserve_instance_healthy")
+        if healthy == engines:
+            return
+        time.sleep(0.5)
+    raise BenchError(
+        f"{proxy.name} counted {healthy} of {engines} engines healthy {timeout_s:g} s after "
+        f"the setup was continued (log: {proxy.log_path})"
+    )
+
+
+def turns(running: Sequence[RunningSetup], index: int) -> list[RunningSetup]:
+    """The setups' order at the ``index``-th rate: rotated by one each rate, so no setup is
+    always measured first (just after a pause of its own) or last."""
+    if not running:
+        return []
+    shift = index % len(running)
+    return [*running[shift:], *running[:shift]]
+
+
+def measure_rate(
+    running: RunningSetup,
+    index: int,
+    dataset: RateDataset,
+    settings: EngineSettings,
+    args: argparse.Namespace,
+    processes: ProcessSet,
+) -> RatePoint:
+    setup, engines, proxy = running.setup, running.engines, running.proxy
+    print(
+        f"  {setup.name:<16} {dataset.rate:g} req/s, {dataset.num_prompts} requests ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    run = ServeRun(
+        base_url=proxy.url,
+        served_model_name=args.served_model_name,
+        tokenizer=settings.model,
+        dataset_jsonl=dataset.path,
+        num_prompts=dataset.num_prompts,
+        request_rate=dataset.rate,
+        seed=args.seed,
+        result_dir=processes.log_dir / "vllm-bench",
+        result_filename=f"{setup.name}-rate{index}.json",
+        ttft_slo_ms=args.ttft_slo_ms,
+        tpot_slo_ms=args.tpot_slo_ms,
+        label=setup.name,
+    )
+    load_1m = os.getloadavg()[0]
+    before = read_counters(proxy, engines)
+    timeout = args.request_timeout + 3 * dataset.num_prompts / dataset.rate + 120
     try:
-        for index, dataset in enumerate(datasets):
-            print(
-                f"  {setup.name:<16} {dataset.rate:g} req/s, {dataset.num_prompts} requests ...",
-                file=sys.stderr,
-                flush=True,
+        result = run_serve(run, processes.log_dir / "vllm-bench.log", timeout)
+    except VllmBenchError as exc:
+        raise BenchError(str(exc)) from None
+    delta = settled_delta(proxy, engines, before, dataset.num_prompts, running.pd)
+    slo = (args.ttft_slo_ms, args.tpot_slo_ms)
+    point = rate_point(setup, dataset, run, result, delta, slo, load_1m)
+    for started in (*engines, proxy):
+        if started.process.poll() is not None:
+            raise BenchError(
+                f"{started.name} exited with status {started.process.returncode} "
+                f"during the {setup.name} runs (log: {started.log_path})"
             )
-            run = ServeRun(
-                base_url=proxy.url,
-                served_model_name=args.served_model_name,
-                tokenizer=settings.model,
-                dataset_jsonl=dataset.path,
-                num_prompts=dataset.num_prompts,
-                request_rate=dataset.rate,
-                seed=args.seed,
-                result_dir=processes.log_dir / "vllm-bench",
-                result_filename=f"{setup.name}-rate{index}.json",
-                ttft_slo_ms=args.ttft_slo_ms,
-                tpot_slo_ms=args.tpot_slo_ms,
-                label=setup.name,
-            )
-            load_1m = os.getloadavg()[0]
-            before = read_counters(proxy, engines)
-            timeout = args.request_timeout + 3 * dataset.num_prompts / dataset.rate + 120
-            try:
-                result = run_serve(run, processes.log_dir / "vllm-bench.log", timeout)
-            except VllmBenchError as exc:
-                raise BenchError(str(exc)) from None
-            delta = settled_delta(proxy, engines, before, dataset.num_prompts, bool(prefill))
-            slo = (args.ttft_slo_ms, args.tpot_slo_ms)
-            points.append(rate_point(setup, dataset, run, result, delta, slo, load_1m))
-            for started in (*engines, proxy):
-                if started.process.poll() is not None:
-                    raise BenchError(
-                        f"{started.name} exited with status {started.process.returncode} "
-                        f"during the {setup.name} runs (log: {started.log_path})"
-                    )
-    finally:
-        for started in (proxy, *reversed(engines)):
-            processes.stop(started)
-    return points
+    return point
+
+
+def profile_in_run(args: argparse.Namespace, model: Path, processes: ProcessSet) -> dict[str, Any]:
+    """``pdserve plan profile`` with its defaults, on the second core, while every setup is
+    paused: the profile ``pdserve plan validate`` replays this run's requests on."""
+    from benchmarks.planner import profile as plan_profile
+
+    parser = argparse.ArgumentParser()
+    plan_profile.add_arguments(parser)
+    profile_args = parser.parse_args(["--core", str(args.cores[1])] + ["--quick"] * args.quick)
+    plan_profile.apply_quick(profile_args)
+    profile_args.model = model
+    if args.model is None:
+        profile_args.preset = args.preset
+    print("profiling one engine for pdserve plan validate ...", file=sys.stderr, flush=True)
+    workdir = processes.log_dir / "profile"
+    workdir.mkdir(exist_ok=True)
+    profile = plan_profile.run_profile(profile_args, workdir)
+    if args.model is None:  # run_profile names the model it was handed; say what it is
+        profile = replace(profile, model=f"generated {args.preset} preset")
+    profile.save(args.profile_out)
+    return {"path": str(args.profile_out), "created": profile.created}
 
 
 # -- the benchmark --------------------------------------------------------------------------
@@ -725,6 +834,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     processes = ProcessSet(workdir)
     points: list[RatePoint] = []
     load: dict[str, Any] = {"before": os.getloadavg()}
+    profiled: dict[str, Any] | None = None
     startup: dict[str, float | None] = {}
     setups = build_setups(args.cores, args.wide)
     try:
@@ -737,12 +847,23 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             settings = engine_settings(args, model)
             spec, requests = workload_from_args(args)
             datasets = build_datasets(model, requests, args, workdir)
+            running: list[RunningSetup] = []
             for setup in setups:
-                load[f"{setup.name}_start"] = os.getloadavg()
-                points += measure_setup(setup, settings, datasets, args, processes, startup)
+                running.append(start_setup(setup, settings, args, processes, startup))
+                pause(running[-1])
+            load["sweep_start"] = os.getloadavg()
+            for index, dataset in enumerate(datasets):
+                for turn in turns(running, index):
+                    resume(turn, args)
+                    points.append(measure_rate(turn, index, dataset, settings, args, processes))
+                    pause(turn)
             load["after"] = os.getloadavg()
+            if args.profile_out is not None:
+                profiled = profile_in_run(args, model, processes)
     finally:
         processes.stop_all()
+    order = {setup.name: i for i, setup in enumerate(setups)}
+    points.sort(key=lambda point: (order[point.setup], point.rate))
     used = requests[: max(d.num_prompts for d in datasets)]
     return {
         "benchmark": "pd_vs_aggregated",
@@ -776,7 +897,9 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "max_model_len": settings.max_model_len,
             "kv_cache_gib": settings.kv_cache_gib,
             "proxy_and_load_generator_cores": "unbound",
+            "schedule": "setups take turns rate by rate, the others paused (SIGSTOP)",
         },
+        "profile": profiled,
         "startup_s": startup,
         "leftover_processes": processes.leftovers,
         "runs": [asdict(point) for point in points],
@@ -1020,6 +1143,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=DEFAULT_OUT,
         help=f"JSON report (default {DEFAULT_OUT}); the plot goes next to it",
+    )
+    parser.add_argument(
+        "--profile-out",
+        type=Path,
+        default=None,
+        help="also profile one engine (pdserve plan profile's defaults, second core) after "
+        "the sweep, in the same run, and write the profile here (about 4 minutes more)",
     )
     add_workload_arguments(parser)
 

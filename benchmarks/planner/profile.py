@@ -262,14 +262,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from benchmarks.pd_vs_aggregated import BenchError
-    from deploy.cli import CliError
-
+def apply_quick(args: argparse.Namespace) -> None:
+    """--quick: every stage once, in under a minute (the suite's smoke runs)."""
     if args.quick:
         args.preset, args.repeats = "tiny", 1
         args.prefill_tokens, args.decode_batches = [32, 256], [1, 4]
         args.decode_contexts, args.kv_pull_tokens = [64], [128, 512]
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks.pd_vs_aggregated import BenchError
+    from deploy.cli import CliError
+
+    apply_quick(args)
     if args.repeats < 1:
         raise CliError("--repeats must be >= 1")
     if args.model is not None and not (args.model / "config.json").is_file():

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from benchmarks import pd_vs_aggregated as bench
 from benchmarks.cli import BENCHMARKS
+from benchmarks.planner.profile_model import Profile
 from deploy.cli import CliError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -356,6 +357,66 @@ def test_stop_reaches_the_whole_group(tmp_path: Path) -> None:
     processes.stop(started)  # stopping twice is harmless
 
 
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_state(pid: int, wanted: str) -> None:
+    deadline = time.monotonic() + 10
+    while _state(pid) != wanted:
+        assert time.monotonic() < deadline, f"pid {pid} is {_state(pid)}, not {wanted}"
+        time.sleep(0.02)
+
+
+def test_a_paused_group_is_still_stopped_gracefully(tmp_path: Path) -> None:
+    # SIGTERM to a stopped group waits until it is continued; stop must continue it, so
+    # the leader's own TERM handler runs (it writes a file) rather than the SIGKILL.
+    done = tmp_path / "terminated"
+    script = f"trap 'touch {done}; exit 0' TERM; while :; do sleep 0.1; done"
+    process = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    processes = bench.ProcessSet(tmp_path)
+    started = processes.add(bench.Started("sh", "http://unused", process, tmp_path / "log"))
+    time.sleep(0.3)  # the trap is set
+    bench.signal_group(started, signal.SIGSTOP)
+    _wait_state(process.pid, "T")
+    processes.stop_all()
+    assert done.exists()
+    assert processes.leftovers == []
+
+
+def test_pause_stops_every_group_of_a_setup(tmp_path: Path) -> None:
+    def sleeper(name: str) -> bench.Started:
+        process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        return bench.Started(name, "http://unused", process, tmp_path / f"{name}.log")
+
+    setup = bench.build_setups((0, 1), wide=False)[0]
+    running = bench.RunningSetup(setup, [sleeper("prefill"), sleeper("decode")], sleeper("proxy"))
+    try:
+        bench.pause(running)
+        for started in (running.proxy, *running.engines):
+            _wait_state(started.process.pid, "T")
+        for started in (running.proxy, *running.engines):
+            bench.signal_group(started, signal.SIGCONT)
+            _wait_state(started.process.pid, "S")
+    finally:
+        for started in (running.proxy, *running.engines):
+            started.process.kill()
+            started.process.wait()
+
+
+def test_setups_take_turns_first_place_rotating() -> None:
+    setups = bench.build_setups((0, 1), wide=True)
+    running = [bench.RunningSetup(setup, [], None) for setup in setups]  # type: ignore[arg-type]
+    orders = [[r.setup.name for r in bench.turns(running, i)] for i in range(4)]
+    assert orders == [
+        ["pd", "aggregated", "aggregated-wide"],
+        ["aggregated", "aggregated-wide", "pd"],
+        ["aggregated-wide", "pd", "aggregated"],
+        ["pd", "aggregated", "aggregated-wide"],
+    ]
+    assert bench.turns([], 3) == []
+
+
 def test_sigterm_becomes_keyboard_interrupt() -> None:
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt), bench.signals_as_interrupt():
@@ -454,6 +515,7 @@ def test_quick_real_run_writes_the_report(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     argv = [sys.executable, "-m", "benchmarks.pd_vs_aggregated", "--quick"]
     argv += ["--log-dir", str(log_dir), "--out", str(out)]
+    argv += ["--profile-out", str(tmp_path / "profile.json")]
     process = subprocess.Popen(
         argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -487,3 +549,8 @@ def test_quick_real_run_writes_the_report(tmp_path: Path) -> None:
     assert runs["aggregated"]["counters"]["proxy_aggregated"] == 6
     assert runs["aggregated"]["counters"]["kv_bytes"] == 0
     assert set(report["summary"]["goodput_req_per_s"]) == {"pd", "aggregated"}
+    # Profiled in the same run, after the sweep, for pdserve plan validate.
+    assert report["profile"]["path"] == str(tmp_path / "profile.json")
+    profile = Profile.load(tmp_path / "profile.json")
+    assert profile.model == "generated tiny preset"
+    assert profile.prefill and profile.decode and profile.kv_pull
