@@ -52,7 +52,6 @@ import platform
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -497,8 +496,6 @@ class RatePoint:
     # Whether vLLM counted exactly the prompt lengths the workload drew, request by request.
     lengths_exact: bool = True
     load_average_1m: float = 0.0
-    # The machine's speed just before the run: see speed_probe (None: not probed).
-    probe_tpot_ms: float | None = None
 
 
 def _percentiles(result: dict[str, Any], metric: str) -> dict[str, float]:
@@ -682,33 +679,6 @@ def wait_all_healthy(proxy: Started, engines: int, timeout_s: float) -> None:
     )
 
 
-PROBE_STREAMS = 3
-PROBE_TOKENS = 32
-
-
-def speed_probe(engine: Started, args: argparse.Namespace) -> float:
-    """Milliseconds per output token of a lone short stream straight to ``engine`` (median of
-    PROBE_STREAMS): the machine's speed at that moment. A shared virtual machine drifts by
-    10-20 % within minutes; ``pdserve plan validate`` scales its profile by this probe
-    taken beside each run over the same probe taken beside the profile."""
-    from benchmarks.planner.decode_overhead import stream_tpot_ms
-
-    body = {"model": args.served_model_name, "max_tokens": PROBE_TOKENS}
-    body |= {"ignore_eos": True, "temperature": 0}
-    values = [
-        # A prompt of its own each time: no prefix-cache hit makes one stream differ.
-        stream_tpot_ms(engine.url, {**body, "prompt": f"speed probe {time.time_ns()}"})
-        for _ in range(PROBE_STREAMS)
-    ]
-    return statistics.median(values)
-
-
-def probed_engine(running: RunningSetup) -> Started:
-    """The engine a setup's probe goes to: its last, the one on the second core (decode in
-    PD, the second aggregated engine), or the wide engine, which has both."""
-    return running.engines[-1]
-
-
 def turns(running: Sequence[RunningSetup], index: int) -> list[RunningSetup]:
     """The setups' order at the ``index``-th rate: rotated by one each rate, so no setup is
     always measured first (just after a pause of its own) or last."""
@@ -746,7 +716,6 @@ def measure_rate(
         tpot_slo_ms=args.tpot_slo_ms,
         label=setup.name,
     )
-    probe_ms = speed_probe(probed_engine(running), args)
     load_1m = os.getloadavg()[0]
     before = read_counters(proxy, engines)
     timeout = args.request_timeout + 3 * dataset.num_prompts / dataset.rate + 120
@@ -757,7 +726,6 @@ def measure_rate(
     delta = settled_delta(proxy, engines, before, dataset.num_prompts, running.pd)
     slo = (args.ttft_slo_ms, args.tpot_slo_ms)
     point = rate_point(setup, dataset, run, result, delta, slo, load_1m)
-    point.probe_tpot_ms = probe_ms
     for started in (*engines, proxy):
         if started.process.poll() is not None:
             raise BenchError(
@@ -767,24 +735,10 @@ def measure_rate(
     return point
 
 
-def profile_in_run(
-    args: argparse.Namespace,
-    model: Path,
-    processes: ProcessSet,
-    running: Sequence[RunningSetup],
-) -> dict[str, Any]:
+def profile_in_run(args: argparse.Namespace, model: Path, processes: ProcessSet) -> dict[str, Any]:
     """``pdserve plan profile`` with its defaults, on the second core, while every setup is
-    paused: the profile ``pdserve plan validate`` replays this run's requests on. Each
-    setup's speed probe runs just before and just after it, as beside every run."""
+    paused: the profile ``pdserve plan validate`` replays this run's requests on."""
     from benchmarks.planner import profile as plan_profile
-
-    def probe() -> dict[str, float]:
-        probes = {}
-        for turn in running:
-            resume(turn, args)
-            probes[turn.setup.name] = speed_probe(probed_engine(turn), args)
-            pause(turn)
-        return probes
 
     parser = argparse.ArgumentParser()
     plan_profile.add_arguments(parser)
@@ -796,21 +750,11 @@ def profile_in_run(
     print("profiling one engine for pdserve plan validate ...", file=sys.stderr, flush=True)
     workdir = processes.log_dir / "profile"
     workdir.mkdir(exist_ok=True)
-    probes = [probe()]
     profile = plan_profile.run_profile(profile_args, workdir)
-    probes.append(probe())
     if args.model is None:  # run_profile names the model it was handed; say what it is
         profile = replace(profile, model=f"generated {args.preset} preset")
     profile.save(args.profile_out)
-    return {
-        "path": str(args.profile_out),
-        "created": profile.created,
-        # Per setup, the mean of its probes before and after the profile.
-        "probe_tpot_ms": {
-            name: statistics.mean(probe[name] for probe in probes) for name in probes[0]
-        },
-        "probes_tpot_ms": probes,
-    }
+    return {"path": str(args.profile_out), "created": profile.created}
 
 
 # -- the benchmark --------------------------------------------------------------------------
@@ -915,7 +859,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     pause(turn)
             load["after"] = os.getloadavg()
             if args.profile_out is not None:
-                profiled = profile_in_run(args, model, processes, running)
+                profiled = profile_in_run(args, model, processes)
     finally:
         processes.stop_all()
     order = {setup.name: i for i, setup in enumerate(setups)}

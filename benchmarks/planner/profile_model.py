@@ -32,7 +32,7 @@ import itertools
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -310,18 +310,6 @@ class StepModel:
 
     def coefficients(self) -> dict[str, float]:
         return asdict(self)
-
-    def scaled(self, factor: float) -> StepModel:
-        """The same engine on a machine ``factor`` times slower: every compute term scaled;
-        the KV pull (a copy through the block server, profiled apart) is kept."""
-        return replace(
-            self,
-            base_s=self.base_s * factor,
-            prefill_token_s=self.prefill_token_s * factor,
-            prefill_attention_s=self.prefill_attention_s * factor,
-            decode_seq_s=self.decode_seq_s * factor,
-            decode_context_token_s=self.decode_context_token_s * factor,
-        )
 
     @classmethod
     def fit(cls, profile: Profile) -> StepModel:

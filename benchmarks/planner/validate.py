@@ -6,13 +6,6 @@ the run as it happened: the same requests in the same order, sent at the same mo
 one engine. The table sets predicted against measured TTFT and TPOT p50 and p90, with the
 relative error of each.
 
-A shared machine's speed drifts between the sweep's runs and the profile (10-20 % within
-minutes on the virtual machine the README's figures come from). ``pdserve bench pd
---profile-out`` therefore probes each setup's speed (a lone short stream, ms per token)
-beside every run and beside the profile; where the report carries those probes for the
-profile validated, each run is replayed on the profile's step model scaled by its probe
-over the profile's (``--no-calibrate``: as profiled). The factor of each run is in the table.
-
 What the simulator does not model shows up here, and the report says which term it is:
 prefix caching is approximated by taking the shared prefix's whole blocks off the prompts
 that carry it (every instance has the system prompt cached after its first request), and
@@ -73,38 +66,14 @@ def compare(run: dict[str, Any], predicted: Any) -> dict[str, Any]:
     return row
 
 
-def profile_probes(bench: dict[str, Any], profile_path: Path) -> dict[str, float] | None:
-    """Each setup's speed probe beside the profile, when ``bench`` profiled ``profile_path``
-    in its own run (``pdserve bench pd --profile-out``); else None."""
-    profiled = bench.get("profile")
-    if not isinstance(profiled, dict) or not isinstance(profiled.get("probe_tpot_ms"), dict):
-        return None
-    if Path(str(profiled.get("path"))).resolve() != profile_path.resolve():
-        return None
-    return {str(k): float(v) for k, v in profiled["probe_tpot_ms"].items()}
-
-
-def speed_factor(run: dict[str, Any], probes: dict[str, float] | None) -> float:
-    """How much slower the machine was beside ``run`` than beside the profile (1: no probes)."""
-    if probes is None:
-        return 1.0
-    measured, base = run.get("probe_tpot_ms"), probes.get(run["setup"])
-    if not measured or not base:
-        raise CliError(
-            f"{run['setup']} at {run['rate']:g} req/s: no speed probe in the report "
-            "(re-run pdserve bench pd --profile-out, or pass --no-calibrate)"
-        )
-    return float(measured) / base
-
-
 def validate(
-    profile_path: Path, bench: dict[str, Any], rates: Sequence[float], calibrate: bool = True
+    profile_path: Path, bench: dict[str, Any], rates: Sequence[float]
 ) -> list[dict[str, Any]]:
     from benchmarks.planner.profile_model import load_step_model
     from benchmarks.planner.simulate import Deployment, InstanceModel, simulate
 
     profile, step = load_step_model(profile_path)
-    probes = profile_probes(bench, profile_path) if calibrate else None
+    model = InstanceModel.from_profile(profile, step)
     rows = []
     for run in bench["runs"]:
         if run["setup"] not in DEPLOYMENTS or run["rate"] not in rates:
@@ -117,19 +86,13 @@ def validate(
         prefill, decode = DEPLOYMENTS[run["setup"]]
         deployment = Deployment.pd(prefill, decode) if prefill else Deployment.aggregated(decode)
         requests, arrivals = replay(run, profile.block_size)
-        factor = speed_factor(run, probes)
-        model = InstanceModel.from_profile(profile, step.scaled(factor))
-        row = compare(run, simulate(model, deployment, requests, arrivals))
-        row["speed_factor"] = factor
-        rows.append(row)
+        rows.append(compare(run, simulate(model, deployment, requests, arrivals)))
     return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]], tolerance: float) -> str:
-    header = (
-        f"{'setup':<11} {'rate':>5} "
-        + " ".join(f"{metric + ' ' + q:>22}" for metric, q in METRICS)
-        + f" {'speed':>6}"
+    header = f"{'setup':<11} {'rate':>5} " + " ".join(
+        f"{metric + ' ' + q:>22}" for metric, q in METRICS
     )
     lines = [
         "predicted / measured ms (relative error)",
@@ -145,8 +108,7 @@ def format_table(rows: Sequence[dict[str, Any]], tolerance: float) -> str:
             text = f"{cell['predicted_ms']:.0f}/{cell['measured_ms']:.0f}"
             text += f" ({error:+.0%}){mark}" if error is not None else " (-)"
             cells.append(f"{text:>22}")
-        speed = f"x{row.get('speed_factor', 1.0):.2f}"
-        lines.append(f"{row['setup']:<11} {row['rate']:>5g} " + " ".join(cells) + f" {speed:>6}")
+        lines.append(f"{row['setup']:<11} {row['rate']:>5g} " + " ".join(cells))
     within = sum(
         1
         for row in rows
@@ -167,9 +129,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measured rates to replay (default: the three lowest)")  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=0.15,
                         help="relative error counted as a match (default 0.15)")  # fmt: skip
-    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                        help="replay on the profile as measured, not scaled by the runs' "
-                        "speed probes")  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
 
 
@@ -185,23 +144,16 @@ def run(args: argparse.Namespace) -> int:
     if not rates:
         raise CliError("--bench: no rate was measured for both pd and aggregated")
     try:
-        rows = validate(args.profile, bench, rates, args.calibrate)
+        rows = validate(args.profile, bench, rates)
     except ProfileError as exc:
         raise CliError(f"--profile: {exc}") from None
     if not rows:
         raise CliError(f"--rates: none of {rates} was measured in {args.bench}")
     print(format_table(rows, args.tolerance))
-    calibrated = args.calibrate and profile_probes(bench, args.profile) is not None
-    print(
-        "calibrated: each run's profile scaled by its speed probe (speed column)"
-        if calibrated
-        else "not calibrated: the profile as measured (no speed probes for this profile)"
-    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"profile": str(args.profile), "bench": str(args.bench),
-                    "tolerance": args.tolerance, "calibrated": calibrated, "rows": rows},
-                   indent=2) + "\n"
+                    "tolerance": args.tolerance, "rows": rows}, indent=2) + "\n"
     )  # fmt: skip
     print(f"wrote {args.out}")
     return 0

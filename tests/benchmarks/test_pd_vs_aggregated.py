@@ -554,7 +554,3 @@ def test_quick_real_run_writes_the_report(tmp_path: Path) -> None:
     profile = Profile.load(tmp_path / "profile.json")
     assert profile.model == "generated tiny preset"
     assert profile.prefill and profile.decode and profile.kv_pull
-    # Each setup's speed, probed beside each run and before and after the profile.
-    assert all(run["probe_tpot_ms"] > 0 for run in report["runs"])
-    assert set(report["profile"]["probe_tpot_ms"]) == {"pd", "aggregated"}
-    assert len(report["profile"]["probes_tpot_ms"]) == 2

@@ -19,7 +19,7 @@ from test_planner import _profile
 
 from benchmarks.planner import validate
 from benchmarks.planner.profile import kv_bytes_per_token
-from benchmarks.planner.profile_model import Profile, StepModel, load_step_model
+from benchmarks.planner.profile_model import Profile, load_step_model
 from benchmarks.planner.simulate import Deployment, InstanceModel, simulate
 from benchmarks.workload import WorkloadRequest, WorkloadSpec, generate
 from deploy.cli import CliError
@@ -27,11 +27,8 @@ from deploy.cli import CliError
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _measured_run(
-    profile: Profile, setup: str, rate: float, scale: float = 1.0, slower: float = 1.0
-) -> dict[str, Any]:
-    """A bench pd run whose measured figures are the simulator's own, times ``scale``, on a
-    machine ``slower`` times slower than the profile's."""
+def _measured_run(profile: Profile, setup: str, rate: float, scale: float = 1.0) -> dict[str, Any]:
+    """A bench pd run whose measured figures are the simulator's own, times ``scale``."""
     from benchmarks.planner.simulate import poisson_arrivals
 
     requests = generate(WorkloadSpec(num_requests=60, seed=5, shared_prefix_fraction=0.5))
@@ -42,8 +39,7 @@ def _measured_run(
         WorkloadRequest(r.prompt_tokens - (r.shared_prefix_tokens // 16) * 16, r.output_tokens)
         for r in requests
     ]
-    model = InstanceModel.from_profile(profile, StepModel.fit(profile).scaled(slower))
-    result = simulate(model, deployment, cached, arrivals)
+    result = simulate(InstanceModel.from_profile(profile), deployment, cached, arrivals)
     return {
         "setup": setup,
         "rate": rate,
@@ -80,37 +76,6 @@ def test_replay_predicts_its_own_runs_exactly_and_flags_misses(tmp_path: Path) -
     table = validate.format_table(rows, 0.15)
     assert "12 of 16 within 15%" in table
     assert table.count("*") == 4 + 1  # four cells marked, one in the footer
-
-
-def test_speed_probes_calibrate_each_run(tmp_path: Path) -> None:
-    profile = _profile()
-    path = tmp_path / "profile.json"
-    profile.save(path)
-    # The machine was 30 % slower beside the pd run and as fast beside the aggregated one;
-    # the probes say so (ms per token beside each run over beside the profile).
-    pd = {**_measured_run(profile, "pd", 20.0, slower=1.3), "probe_tpot_ms": 13.0}
-    aggregated = {**_measured_run(profile, "aggregated", 20.0), "probe_tpot_ms": 8.0}
-    bench: dict[str, Any] = {
-        "runs": [pd, aggregated],
-        "profile": {"path": str(path), "probe_tpot_ms": {"pd": 10.0, "aggregated": 8.0}},
-    }
-    rows = validate.validate(path, bench, [20.0])
-    assert [row["speed_factor"] for row in rows] == [pytest.approx(1.3), pytest.approx(1.0)]
-    for row in rows:
-        for cell in row["metrics"].values():
-            assert cell["error"] == pytest.approx(0.0, abs=1e-9)
-    assert "x1.30" in validate.format_table(rows, 0.15)
-    # As profiled, the slow run's predictions are optimistic.
-    raw = validate.validate(path, bench, [20.0], calibrate=False)
-    assert raw[0]["speed_factor"] == 1.0
-    assert all(cell["error"] < -0.1 for cell in raw[0]["metrics"].values())
-    # Probes taken beside another profile say nothing about this one.
-    other = {**bench, "profile": {**bench["profile"], "path": str(tmp_path / "other.json")}}
-    assert validate.validate(path, other, [20.0])[0]["speed_factor"] == 1.0
-    # A run without its probe cannot be calibrated: one line that says what to do.
-    del pd["probe_tpot_ms"]
-    with pytest.raises(CliError, match=r"no speed probe.*--no-calibrate"):
-        validate.validate(path, bench, [20.0])
 
 
 def test_cli_refusals(tmp_path: Path) -> None:
