@@ -659,7 +659,13 @@ def resume(running: RunningSetup, args: argparse.Namespace) -> None:
     for started in running.engines:
         signal_group(started, signal.SIGCONT)
     for engine in running.engines:
-        wait_engine(engine, args.startup_timeout)
+        try:
+            wait_until_ready(
+                engine.url, args.startup_timeout, proc=engine.process, log_path=engine.log_path
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            first_line = str(exc).splitlines()[0]
+            raise BenchError(f"{engine.name} did not answer once continued: {first_line}") from None
     signal_group(running.proxy, signal.SIGCONT)
     wait_all_healthy(running.proxy, len(running.engines), args.startup_timeout)
     wait_serving(running.proxy, _probe(args), args.startup_timeout)

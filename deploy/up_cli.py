@@ -229,6 +229,10 @@ class _Session:
                 os.environ.setdefault("RAY_worker_niceness", "0")
                 temp_dir = settings.temp_dir
                 ray.init(
+                    # Without ray.address this `up` owns a cluster of its own. Ray's default
+                    # would join the one named in <temp dir>/ray_current_cluster (or
+                    # RAY_ADDRESS): after a crashed `ray start`, a dead address.
+                    address="local",
                     num_cpus=settings.num_cpus or os.cpu_count(),
                     num_gpus=settings.num_gpus,
                     namespace=settings.namespace,

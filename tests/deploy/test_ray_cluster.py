@@ -132,7 +132,11 @@ def _write_topology(directory: Path, ports: dict[str, int], ray_temp_dir: Path) 
             "max_replicas": 2,
             "port": ports["prefill"],
             "kv_port": ports["kv"],
-            "resources": {"cpus": 0.5, "cpu_cores": [0, 1]},
+            # A second prefill (scale up) shares core 0 with the first, never the decode's
+            # core: two engines' OpenMP threads on one core can stretch each other's steps
+            # past a minute (seen: prefill-1 on core 1 held decode-0 for 3 minutes and the
+            # load's requests timed out); a slow prefill leg only delays the first token.
+            "resources": {"cpus": 0.5, "cpu_cores": [0]},
             "kv_cache_gib": 1,
         },
         "decode": {
@@ -179,6 +183,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     directory = tmp_path_factory.mktemp("pdserve-up")
     # Ray's socket paths live under its temp dir and must stay short (108 bytes).
     ray_temp_dir = Path(tempfile.mkdtemp(prefix="pdr-", dir="/tmp"))
+    # What a crashed `ray start` leaves: Ray's own default would try to join this dead
+    # address; `up` without ray.address starts a cluster of its own whatever the file says.
+    (ray_temp_dir / "ray_current_cluster").write_text("127.0.0.1:1")
     ports = pick_ports()
     topology = _write_topology(directory, ports, ray_temp_dir)
     state_dir = directory / "state"
