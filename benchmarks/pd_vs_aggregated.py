@@ -81,6 +81,7 @@ from deploy.worker_launch import (
     WorkerSpec,
     free_port,
     group_alive,
+    signal_group,
     start_worker,
     stop_process_group,
     stop_worker,
@@ -164,7 +165,7 @@ class ProcessSet:
         try:
             # A paused group would only take SIGTERM once continued: its grace would run
             # out and SIGKILL would cut its own clean-up short.
-            signal_group(started, signal.SIGCONT)
+            signal_group(started.process.pid, signal.SIGCONT)
             (started.stopper or stop_group)(started.process)
             if group_alive(started.process.pid):
                 self.leftovers.append(f"{started.name} (process group {started.process.pid})")
@@ -175,12 +176,6 @@ class ProcessSet:
     def stop_all(self) -> None:
         for started in reversed(list(self.running)):
             self.stop(started)
-
-
-def signal_group(started: Started, signum: signal.Signals) -> None:
-    """``signum`` to ``started``'s whole process group (each was started as a group leader)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(started.process.pid, signum)
 
 
 @contextlib.contextmanager
@@ -261,12 +256,17 @@ def start_engine(
     )
 
 
-def wait_engine(started: Started, timeout_s: float) -> None:
+def wait_answering(started: Started, timeout_s: float, what: str) -> None:
+    """Until the engine's /v1/models answers; BenchError "<name> <what>: <reason>" if not."""
     try:
         wait_until_ready(started.url, timeout_s, proc=started.process, log_path=started.log_path)
     except (RuntimeError, TimeoutError) as exc:
         first_line = str(exc).splitlines()[0]
-        raise BenchError(f"{started.name} engine did not start: {first_line}") from None
+        raise BenchError(f"{started.name} {what}: {first_line}") from None
+
+
+def wait_engine(started: Started, timeout_s: float) -> None:
+    wait_answering(started, timeout_s, "engine did not start")
     started.ready_s = time.monotonic() - started.started_at
 
 
@@ -646,7 +646,7 @@ def pause(running: RunningSetup) -> None:
     """SIGSTOP the setup's proxy, then its engines: idle vLLM engines busy-poll, so a setup
     that is not measured must not run at all."""
     for started in (running.proxy, *running.engines):
-        signal_group(started, signal.SIGSTOP)
+        signal_group(started.process.pid, signal.SIGSTOP)
 
 
 def resume(running: RunningSetup, args: argparse.Namespace) -> None:
@@ -657,16 +657,10 @@ def resume(running: RunningSetup, args: argparse.Namespace) -> None:
     while it was stopped) meet engines that answer again; it ejects an instance only after
     several failed checks, and the wait below sees any that it did eject readmitted."""
     for started in running.engines:
-        signal_group(started, signal.SIGCONT)
+        signal_group(started.process.pid, signal.SIGCONT)
     for engine in running.engines:
-        try:
-            wait_until_ready(
-                engine.url, args.startup_timeout, proc=engine.process, log_path=engine.log_path
-            )
-        except (RuntimeError, TimeoutError) as exc:
-            first_line = str(exc).splitlines()[0]
-            raise BenchError(f"{engine.name} did not answer once continued: {first_line}") from None
-    signal_group(running.proxy, signal.SIGCONT)
+        wait_answering(engine, args.startup_timeout, "did not answer once continued")
+    signal_group(running.proxy.process.pid, signal.SIGCONT)
     wait_all_healthy(running.proxy, len(running.engines), args.startup_timeout)
     wait_serving(running.proxy, _probe(args), args.startup_timeout)
 
@@ -1051,7 +1045,8 @@ def rate_list(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def _cores(text: str) -> tuple[int, int]:
+def core_pair(text: str) -> tuple[int, int]:
+    """argparse type of ``--cores``: two distinct core numbers, e.g. ``0,1``."""
     try:
         first, second = (int(part) for part in text.split(","))
     except ValueError:
@@ -1115,7 +1110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=gp.DEFAULT_ATTAINMENT,
         help="share of requests that must meet both SLOs (default 0.9)",
     )
-    parser.add_argument("--cores", type=_cores, default=(0, 1), help="two cores (default 0,1)")
+    parser.add_argument("--cores", type=core_pair, default=(0, 1), help="two cores (default 0,1)")
     parser.add_argument(
         "--wide", action="store_true", help="also measure one aggregated engine on both cores"
     )

@@ -499,11 +499,11 @@ def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> int | N
             proc.kill()
             proc.wait()
         return proc.returncode
-    _signal_group(pgid, signal.SIGTERM)
+    signal_group(pgid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
         proc.wait()
     # The leader can exit while spawned children are still shutting down; give them a moment,
     # then make sure.
@@ -511,7 +511,7 @@ def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> int | N
     while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if group_alive(pgid):
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
     return proc.returncode
 
 
@@ -537,15 +537,16 @@ def stop_process_group(
     """
     if proc.poll() is not None:
         return
-    _signal_group(proc.pid, signal.SIGTERM)
+    signal_group(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGKILL)
+        signal_group(proc.pid, signal.SIGKILL)
         proc.wait(timeout=kill_wait_s)
 
 
-def _signal_group(pgid: int, signum: int) -> None:
+def signal_group(pgid: int, signum: int) -> None:
+    """``signum`` to every process of group ``pgid``; a group already gone is no error."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
 

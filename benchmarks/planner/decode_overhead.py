@@ -38,6 +38,7 @@ from benchmarks.pd_vs_aggregated import (
     EngineSettings,
     ProcessSet,
     Started,
+    core_pair,
     engine_settings,
     signals_as_interrupt,
     start_engine,
@@ -68,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", type=int, default=15, help="streams per mode (default 15)")
     parser.add_argument("--prompt-words", type=int, default=200, help="prompt length in words")
     parser.add_argument("--output-tokens", type=int, default=128, help="tokens per stream")
-    parser.add_argument("--cores", default="0,1", help="prefill core,decode core (default 0,1)")
+    parser.add_argument(
+        "--cores", type=core_pair, default=(0, 1), help="prefill core,decode core (default 0,1)"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON result path")
     parser.add_argument("--quick", action="store_true", help="tiny model, 3 streams of 32 tokens")
 
@@ -78,10 +81,8 @@ def _check(args: argparse.Namespace) -> tuple[str, str]:
         args.preset, args.streams, args.output_tokens = "tiny", 3, 32
     if args.streams < 2 or args.output_tokens < 8 or args.prompt_words < 1:
         raise CliError("--streams must be >= 2, --output-tokens >= 8, --prompt-words >= 1")
-    cores = args.cores.split(",")
-    if len(cores) != 2 or not all(c.strip().isdigit() for c in cores) or cores[0] == cores[1]:
-        raise CliError(f"--cores: two different core numbers, e.g. 0,1 (got {args.cores!r})")
-    return cores[0].strip(), cores[1].strip()
+    prefill_core, decode_core = args.cores
+    return str(prefill_core), str(decode_core)
 
 
 def stream_tpot_ms(url: str, body: dict[str, Any]) -> float:

@@ -26,6 +26,7 @@ from benchmarks import pd_vs_aggregated as bench
 from benchmarks.cli import BENCHMARKS
 from benchmarks.planner.profile_model import Profile
 from deploy.cli import CliError
+from deploy.worker_launch import signal_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -377,7 +378,7 @@ def test_a_paused_group_is_still_stopped_gracefully(tmp_path: Path) -> None:
     processes = bench.ProcessSet(tmp_path)
     started = processes.add(bench.Started("sh", "http://unused", process, tmp_path / "log"))
     time.sleep(0.3)  # the trap is set
-    bench.signal_group(started, signal.SIGSTOP)
+    signal_group(started.process.pid, signal.SIGSTOP)
     _wait_state(process.pid, "T")
     processes.stop_all()
     assert done.exists()
@@ -396,7 +397,7 @@ def test_pause_stops_every_group_of_a_setup(tmp_path: Path) -> None:
         for started in (running.proxy, *running.engines):
             _wait_state(started.process.pid, "T")
         for started in (running.proxy, *running.engines):
-            bench.signal_group(started, signal.SIGCONT)
+            signal_group(started.process.pid, signal.SIGCONT)
             _wait_state(started.process.pid, "S")
     finally:
         for started in (running.proxy, *running.engines):

@@ -50,7 +50,7 @@ from prom_harness import (
 )
 
 from deploy.prometheus_sd import write_file_sd
-from deploy.worker_launch import free_port, stop_process_group
+from deploy.worker_launch import free_port, signal_group, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -171,8 +171,7 @@ def _signal_server(server: Any, signum: int) -> None:
         os.kill(server.proc.pid, signum)
     group = server.server_group()
     if group is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signum)
+        signal_group(group, signum)
 
 
 @contextlib.contextmanager
