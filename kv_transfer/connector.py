@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
+logger = logging.getLogger(__name__)
+
 
 class TcpPullConnector(KVConnectorBase_V1):
     _cache_hit_source = CacheHitSource.P2P
@@ -72,6 +74,7 @@ class TcpPullConnector(KVConnectorBase_V1):
             claims = _claim_keeper(settings) if settings.is_consumer else None
             self._scheduler = TcpPullScheduler(settings, claims=claims)
         else:
+            _request_amx_permission()
             self._worker = TcpPullWorker(_worker_settings(vllm_config))
 
     # -- worker side ----------------------------------------------------------------------------
@@ -264,3 +267,17 @@ def _worker_settings(vllm_config: VllmConfig) -> WorkerSettings:
         tp_size=tp_size,
         tp_rank=tp_rank,
     )
+
+
+def _request_amx_permission() -> None:
+    """Ask Linux for AMX tile permission in this worker process, before its first forward pass.
+
+    vLLM 0.32's CPU attention uses AMX tiles for bf16 caches on CPUs that have them. Linux
+    lets a process run tile instructions only after it asked (``arch_prctl``
+    ``ARCH_REQ_XCOMP_PERM``), and vLLM's kernels ask on the path a prompt's first computation
+    takes. A decode instance whose first forward pass is a decode step (the prompt's KV came
+    from the prefill) ran tile instructions without asking and died of SIGILL (seen with
+    bf16, block size 128, on a Sapphire Rapids class CPU). Asking twice is harmless.
+    """
+    if torch.cpu._is_amx_tile_supported() and not torch.cpu._init_amx():
+        logger.warning("AMX tiles reported by the CPU but Linux refused their use")
