@@ -546,6 +546,7 @@ class Controller:
             restart_backoff_s=self._topology.controller.restart_backoff_s,
             restart_backoff_max_s=self._topology.controller.restart_backoff_max_s,
             startup_niceness=self._topology.controller.startup_niceness,
+            pin_process_tree=pool.resources.pin_process_tree,
         )
 
     def _assign_core(self, role: str, index: int) -> int | None:
@@ -557,6 +558,16 @@ class Controller:
         else:
             candidates = range(os.cpu_count() or 1)
             core = min(candidates, key=lambda c: (self._core_use[c], c))
+        if self._core_use[core]:
+            logger.warning(
+                "%s-%d shares CPU core %d with %d other engine(s) of this cluster where they run "
+                "on one node: each serves slower, and one that (re)starts stalls the others; "
+                "give each instance a core of its own (resources.cpu_cores, more cores or nodes)",
+                role,
+                index,
+                core,
+                self._core_use[core],
+            )
         self._core_use[core] += 1
         return core
 

@@ -62,6 +62,7 @@ class InstancePlan:
     restart_backoff_s: float = 1.0
     startup_niceness: int = 0
     restart_backoff_max_s: float = 30.0
+    pin_process_tree: bool = False
 
 
 def health_ok(url: str, timeout_s: float = 2.0) -> bool:
@@ -360,6 +361,7 @@ def build_worker_spec(plan: InstancePlan, node_ip: str, visible_devices: str | N
         advertise_host=node_ip if plan.host in ("0.0.0.0", "") else None,
         device=device,  # type: ignore[arg-type]
         visible_devices=visible_devices,
+        pin_process_tree=plan.pin_process_tree,
         extra_args=tuple(plan.vllm_args),
         env=dict(plan.env),
     )

@@ -66,6 +66,11 @@ class InstanceResources(_Strict):
     # Cores for VLLM_CPU_OMP_THREADS_BIND on the CPU backend, handed out one per instance
     # in order; when empty each instance gets the least-used core of its node.
     cpu_cores: list[int] = Field(default_factory=list)
+    # CPU only: confine each instance's whole process tree (API server, engine core, workers)
+    # to its cores, not only the compute threads vLLM binds. The unbound processes busy-poll
+    # vLLM's shared-memory queue; left free they run on the neighbour engines' cores, and an
+    # engine (re)starting there starves the instances that serve beside it.
+    pin_process_tree: bool = True
     # Extra custom Ray resources (e.g. {"node:10.0.0.5": 0.01} to pin a pool to a node).
     custom: dict[str, float] = Field(default_factory=dict)
 

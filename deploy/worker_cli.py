@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how many free cores to claim without --cpu-core (default: 1 on hosts with up to "
         "4 cores, else half of them)",
     )
+    parser.add_argument(
+        "--pin-process-tree",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="confine the whole server (API server, engine core, workers) to its CPU cores, not "
+        "only vLLM's compute threads (default: on)",
+    )
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache size in GiB")
     parser.add_argument("--block-size", type=int, default=128, help="KV block size in tokens")
     parser.add_argument("--dtype", default="auto", help="model dtype (vLLM --dtype)")
@@ -210,6 +217,7 @@ def spec_from_args(args: argparse.Namespace) -> WorkerSpec:
         advertise_host=args.advertise_host,
         device=args.device,
         visible_devices=args.visible_devices,
+        pin_process_tree=args.pin_process_tree,
         extra_args=tuple(extra),
     )
 

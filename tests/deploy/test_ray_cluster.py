@@ -320,6 +320,19 @@ def test_generated_kv_secret_reaches_workers_only_through_their_environment(
         assert "without a shared secret" not in log
 
 
+@pytest.mark.timeout(120)
+def test_every_process_of_a_worker_stays_on_its_core(cluster: Cluster) -> None:
+    """`up` confines each worker's whole tree (API server, engine core and their threads) to
+    the core its pool names, not only vLLM's compute threads."""
+    for name, core in (("prefill-0", 0), ("decode-0", 1)):
+        worker = psutil.Process(cluster.worker_pid(name))
+        processes = [worker, *worker.children(recursive=True)]
+        assert len(processes) >= 2, (name, processes)  # the API server and its engine core
+        for process in processes:
+            for thread in process.threads():
+                assert os.sched_getaffinity(thread.id) == {core}, (name, process.pid, thread.id)
+
+
 @pytest.mark.timeout(900)
 def test_killed_worker_is_restarted_and_readmitted(cluster: Cluster) -> None:
     client = cluster.client(timeout=60)
