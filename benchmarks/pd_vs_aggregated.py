@@ -235,6 +235,9 @@ def start_engine(
         model=settings.model,
         api_port=free_port(),
         kv_port=free_port() if role == "prefill" else None,
+        # Engines of one role run side by side here: the role's default ports would collide.
+        kv_events_port=free_port(),
+        kv_events_replay_port=free_port(),
         cpu_core=core,
         kv_cache_gib=settings.kv_cache_gib,
         secret=settings.secret,

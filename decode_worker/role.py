@@ -16,6 +16,8 @@ SETTINGS = RoleSettings(
     api_port_base=8200,
     # Decode instances only dial out; the port is kept in the config for symmetry.
     kv_port_base=None,
+    kv_events_port_base=16200,
+    kv_events_replay_port_base=17200,
     max_num_batched_tokens=4096,
     max_num_seqs=256,
 )

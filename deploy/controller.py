@@ -62,6 +62,16 @@ class InstanceRecord:
     error: str | None = None
 
 
+def registration(record: InstanceRecord) -> dict[str, Any]:
+    """The admin API's ``POST /admin/instances`` body that registers ``record``'s instance:
+    its URL and role, and where it publishes KV events (as its actor reported them)."""
+    payload: dict[str, Any] = {"url": record.url, "role": record.plan.role}
+    kv_events = record.info.get("kv_events")
+    if kv_events is not None:
+        payload["kv_events"] = kv_events
+    return payload
+
+
 @dataclass(frozen=True)
 class DrainResult:
     """How the wait for a drained instance to empty ended."""
@@ -525,6 +535,7 @@ class Controller:
         used = {r.plan.index for r in self._records.values() if r.plan.role == role}
         index = next(i for i in range(pool.max_replicas) if i not in used)
         name = f"{role}-{index}"
+        events_ports, replay_ports = self._topology.kv_events_ports(role)
         return InstancePlan(
             name=name,
             role=role,
@@ -547,6 +558,9 @@ class Controller:
             restart_backoff_max_s=self._topology.controller.restart_backoff_max_s,
             startup_niceness=self._topology.controller.startup_niceness,
             pin_process_tree=pool.resources.pin_process_tree,
+            kv_events=pool.kv_events.enabled,
+            kv_events_port=events_ports[index] if events_ports else None,
+            kv_events_replay_port=replay_ports[index] if replay_ports else None,
         )
 
     def _assign_core(self, role: str, index: int) -> int | None:
@@ -575,9 +589,14 @@ class Controller:
         # Only meaningful when the worker binds on this node; multi-node binds 0.0.0.0.
         if plan.host not in ("127.0.0.1", "localhost"):
             return
-        for port in (plan.api_port, plan.kv_port):
+        ports = {
+            "port": plan.api_port,
+            "kv_port": plan.kv_port,
+            "kv_events.port": plan.kv_events_port if plan.kv_events else None,
+            "kv_events.replay_port": plan.kv_events_replay_port if plan.kv_events else None,
+        }
+        for field_name, port in ports.items():
             if port and not port_is_free(plan.host, port):
-                field_name = "port" if port == plan.api_port else "kv_port"
                 raise ControllerError(
                     f"{plan.role}.{field_name}: port {port} ({plan.name}) is in use"
                 )
@@ -639,7 +658,7 @@ class Controller:
                 return
             current = await self._proxy_entries()
             desired = {
-                r.url: r.plan.role
+                r.url: registration(r)
                 for r in self._records.values()
                 if r.ever_ready and r.state == "running"
             }
@@ -649,11 +668,9 @@ class Controller:
             leaving = {
                 r.url for r in self._records.values() if r.state in ("draining", "restarting")
             }
-            for url, role in desired.items():
+            for url, payload in desired.items():
                 if url not in current:
-                    await self._admin(
-                        "POST", "/admin/instances", json={"url": url, "role": role}, ok=(201, 409)
-                    )
+                    await self._admin("POST", "/admin/instances", json=payload, ok=(201, 409))
             for url in current:
                 if url not in desired and url not in leaving:
                     await self._admin(

@@ -63,6 +63,10 @@ class InstancePlan:
     startup_niceness: int = 0
     restart_backoff_max_s: float = 30.0
     pin_process_tree: bool = False
+    # vLLM's KV cache events (ZMQ PUB + replay ROUTER); the ports are the pool's range + index.
+    kv_events: bool = True
+    kv_events_port: int | None = None  # None: the role's default base + index
+    kv_events_replay_port: int | None = None
 
 
 def health_ok(url: str, timeout_s: float = 2.0) -> bool:
@@ -163,7 +167,14 @@ class InstanceSupervisor:
                 "actor_pid": os.getpid(),
                 "api_port": self._plan.api_port,
                 "kv_port": self._plan.kv_port,
+                # What the controller registers with the proxy, next to "url" (same host).
+                "kv_events": self._advertised_kv_events(),
             }
+
+    def _advertised_kv_events(self) -> dict[str, str | None] | None:
+        spec = build_worker_spec(self._plan, self._node_ip, None)
+        events = worker_launch.advertised_kv_events(spec)
+        return None if events is None else events.to_json()
 
     def restart_worker(self) -> dict[str, Any]:
         """Planned restart: stop the worker's process group and start it again on the same
@@ -242,7 +253,8 @@ class InstanceSupervisor:
             time.sleep(0.2)
 
     def _ports_free(self) -> bool:
-        ports = [self._plan.api_port] + ([self._plan.kv_port] if self._plan.kv_port else [])
+        spec = build_worker_spec(self._plan, self._node_ip, None)
+        ports = [port for _, port in worker_launch.listening_ports(spec)]
         return all(worker_launch.port_is_free(self._plan.host, port) for port in ports)
 
     def _start_worker(self) -> bool:
@@ -362,6 +374,9 @@ def build_worker_spec(plan: InstancePlan, node_ip: str, visible_devices: str | N
         device=device,  # type: ignore[arg-type]
         visible_devices=visible_devices,
         pin_process_tree=plan.pin_process_tree,
+        kv_events=plan.kv_events,
+        kv_events_port=plan.kv_events_port,
+        kv_events_replay_port=plan.kv_events_replay_port,
         extra_args=tuple(plan.vllm_args),
         env=dict(plan.env),
     )

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from deploy.worker_launch import role_settings
 from kv_transfer.config import MIN_SECRET_CHARS, SecretError, read_secret, weak_secret_reason
 from proxy.config import ProxyConfig, describe_validation_error
 
@@ -84,6 +85,17 @@ class InstanceResources(_Strict):
         return bundle
 
 
+class KvEventsSettings(_Strict):
+    """vLLM's KV cache events of a pool's instances: a ZMQ PUB socket and a replay ROUTER,
+    bound on ``worker_host``; instance i uses ``port + i`` and ``replay_port + i``. The
+    controller registers both endpoints with the proxy next to the instance's URL."""
+
+    enabled: bool = True
+    # None: the role's defaults (prefill 16100 / 17100, decode 16200 / 17200).
+    port: int | None = Field(default=None, ge=1, le=65535)
+    replay_port: int | None = Field(default=None, ge=1, le=65535)
+
+
 class PoolSpec(_Strict):
     """One role's pool of identical instances; instance ``i`` listens on ``port + i``."""
 
@@ -93,6 +105,7 @@ class PoolSpec(_Strict):
     kv_port: int | None = Field(default=None, ge=1, le=65535)
     # Highest replica count `pdserve scale` may reach; reserves the port range.
     max_replicas: int = Field(default=8, ge=1)
+    kv_events: KvEventsSettings = KvEventsSettings()
     resources: InstanceResources = InstanceResources()
     placement_strategy: PlacementStrategy = PlacementStrategy.PACK
     # KV cache per instance: VLLM_CPU_KVCACHE_SPACE on CPU, --kv-cache-memory-bytes elsewhere.
@@ -223,8 +236,28 @@ class Topology(_Strict):
                 raise ValueError(f"{name}.resources.gpus: accelerator gpu needs gpus >= 1")
             if self.accelerator is Accelerator.NPU and (res.npus < 1 or res.gpus):
                 raise ValueError(f"{name}.resources.npus: accelerator npu needs npus >= 1")
+        for name in ("prefill", "decode"):
+            for field, ports in zip(
+                ("port", "replay_port"), self.kv_events_ports(name), strict=True
+            ):
+                if ports and ports[-1] > 65535:
+                    raise ValueError(
+                        f"{name}.kv_events.{field}: port range {ports.start}+"
+                        f"{len(ports)} runs past 65535"
+                    )
         self._check_ports_disjoint()
         return self
+
+    def kv_events_ports(self, role: str) -> tuple[range, range]:
+        """The KV events PUB and replay ports the ``role`` pool reserves (instance i:
+        element i); empty when its events are off."""
+        pool = self.pool(role)
+        if not pool.kv_events.enabled:
+            return range(0), range(0)
+        defaults = role_settings(role)
+        port = pool.kv_events.port or defaults.kv_events_port_base
+        replay = pool.kv_events.replay_port or defaults.kv_events_replay_port_base
+        return range(port, port + pool.max_replicas), range(replay, replay + pool.max_replicas)
 
     def _check_ports_disjoint(self) -> None:
         owners: dict[int, str] = {}
@@ -234,6 +267,12 @@ class Topology(_Strict):
             ("prefill.kv_port", self.prefill.kv_ports()),
             ("decode.port", self.decode.api_ports()),
         ]
+        for name in ("prefill", "decode"):
+            events, replay = self.kv_events_ports(name)
+            claims += [
+                (f"{name}.kv_events.port", events),
+                (f"{name}.kv_events.replay_port", replay),
+            ]
         if self.proxy.admin.port:
             claims.insert(
                 1, ("proxy.admin.port", range(self.proxy.admin.port, self.proxy.admin.port + 1))

@@ -33,6 +33,7 @@ from deploy.worker_launch import (
     ROLES,
     WorkerConfigError,
     WorkerSpec,
+    advertised_kv_events,
     start_worker,
     stop_worker,
     validate_spec,
@@ -55,7 +56,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="OpenAI API port")
     parser.add_argument("--kv-port", type=int, default=None, help="KV block server port (prefill)")
     parser.add_argument(
-        "--advertise-host", default=None, help="address decode workers dial (prefill)"
+        "--advertise-host",
+        default=None,
+        help="address decode workers (prefill) and proxies (KV events) dial, if not --host",
+    )
+    parser.add_argument(
+        "--kv-events",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="publish vLLM's KV cache events over ZMQ (PUB + replay ROUTER) for proxies to "
+        "follow (default: on)",
+    )
+    parser.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=None,
+        help="KV events PUB port (default: prefill 16100+i, decode 16200+i, aggregated 16300+i)",
+    )
+    parser.add_argument(
+        "--kv-events-replay-port",
+        type=int,
+        default=None,
+        help="KV events replay port (default: prefill 17100+i, decode 17200+i, aggregated 17300+i)",
     )
     parser.add_argument(
         "--cpu-core",
@@ -215,6 +237,9 @@ def spec_from_args(args: argparse.Namespace) -> WorkerSpec:
         lease_s=args.lease_s,
         kv_load_failure_policy=args.kv_load_failure_policy,
         advertise_host=args.advertise_host,
+        kv_events=args.kv_events,
+        kv_events_port=args.kv_events_port,
+        kv_events_replay_port=args.kv_events_replay_port,
         device=args.device,
         visible_devices=args.visible_devices,
         pin_process_tree=args.pin_process_tree,
@@ -245,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
         )
         bound = f", cpu cores {cores.bind}" if cores is not None and cores.bind else ""
         print(
-            f"pdserve worker: {spec.role} starting at {spec.url} (pid {proc.pid}{bound})",
+            f"pdserve worker: {spec.role} starting at {spec.url} "
+            f"(pid {proc.pid}{bound}{_kv_events_note(spec)})",
             file=sys.stderr,
             flush=True,
         )
@@ -263,6 +289,14 @@ def run(args: argparse.Namespace) -> int:
     if status != 0:
         raise CliError(f"vLLM server exited with status {status} (see its output above)")
     return 0
+
+
+def _kv_events_note(spec: WorkerSpec) -> str:
+    """The KV events endpoints to register with a proxy (``kv_events`` of a config entry)."""
+    events = advertised_kv_events(spec)
+    if events is None:
+        return ""
+    return f", kv events {events.endpoint} replay {events.replay_endpoint}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import ipaddress
 import json
 import os
 import signal
@@ -37,7 +38,10 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from proxy.instances import KvEventsEndpoint
 
 Role = Literal["prefill", "decode", "aggregated"]
 Device = Literal["cpu", "cuda", "npu"]
@@ -59,6 +63,9 @@ VISIBLE_DEVICES_ENV: dict[str, str] = {
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
+# Bind addresses that mean "every interface".
+_WILDCARD_HOSTS = ("0.0.0.0", "", "::", "*")
+
 
 @dataclass(frozen=True)
 class RoleSettings:
@@ -68,6 +75,10 @@ class RoleSettings:
     kv_role: str | None  # the connector's role ("producer"/"consumer"); None runs no connector
     api_port_base: int  # instance i listens on api_port_base + i by default
     kv_port_base: int | None  # instance i's block server port by default; None: no server
+    # Instance i publishes vLLM's KV events on kv_events_port_base + i and answers replay
+    # requests on kv_events_replay_port_base + i by default (see WorkerSpec.kv_events).
+    kv_events_port_base: int
+    kv_events_replay_port_base: int
     max_num_batched_tokens: int | None = None  # None keeps vLLM's default
     max_num_seqs: int | None = None
     extra_args: tuple[str, ...] = ()
@@ -75,7 +86,12 @@ class RoleSettings:
 
 # An ordinary vLLM server with no connector: the baseline that PD output is compared with.
 AGGREGATED_SETTINGS = RoleSettings(
-    name="aggregated", kv_role=None, api_port_base=8300, kv_port_base=None
+    name="aggregated",
+    kv_role=None,
+    api_port_base=8300,
+    kv_port_base=None,
+    kv_events_port_base=16300,
+    kv_events_replay_port_base=17300,
 )
 
 
@@ -103,6 +119,10 @@ class WorkerSpec:
     ``visible_devices`` restricts a GPU/NPU worker to some devices (``CUDA_VISIBLE_DEVICES`` /
     ``ASCEND_RT_VISIBLE_DEVICES``). ``extra_args`` are appended to vLLM's command line last, so
     they override anything set here. ``env`` adds or overrides environment variables.
+    ``kv_events`` turns on vLLM's KV cache events: a ZMQ PUB socket on ``kv_events_port`` and a
+    replay ROUTER socket on ``kv_events_replay_port`` (None: the role's base + ``index``), both
+    bound on ``host``; a proxy dials them at ``advertise_host`` (else ``host``), see
+    :func:`advertised_kv_events`.
     ``secret`` is the KV-transfer shared secret: it reaches the server through its environment
     (``$PDSERVE_KV_SECRET``), never its argv or the ``--kv-transfer-config`` JSON, which vLLM
     logs.
@@ -125,7 +145,10 @@ class WorkerSpec:
     enable_prefix_caching: bool = True
     lease_s: float | None = None  # None: the connector's default
     kv_load_failure_policy: Literal["fail", "recompute"] = "recompute"
-    advertise_host: str | None = None  # address decode instances dial, if not ``host``
+    advertise_host: str | None = None  # address decode instances and proxies dial, if not ``host``
+    kv_events: bool = True
+    kv_events_port: int | None = None  # None: the role's default port for ``index``
+    kv_events_replay_port: int | None = None
     device: Device = "cpu"
     visible_devices: str | None = None
     python: str = sys.executable
@@ -152,6 +175,24 @@ class WorkerSpec:
             return self.kv_port
         base = self.settings.kv_port_base
         return None if base is None else base + self.index
+
+    @property
+    def resolved_kv_events_port(self) -> int:
+        if self.kv_events_port is not None:
+            return self.kv_events_port
+        return self.settings.kv_events_port_base + self.index
+
+    @property
+    def resolved_kv_events_replay_port(self) -> int:
+        if self.kv_events_replay_port is not None:
+            return self.kv_events_replay_port
+        return self.settings.kv_events_replay_port_base + self.index
+
+    @property
+    def dial_host(self) -> str:
+        """The address other processes reach this worker's listeners at (no brackets)."""
+        host = self.advertise_host or self.host
+        return "127.0.0.1" if host in _WILDCARD_HOSTS else host
 
     @property
     def resolved_engine_id(self) -> str:
@@ -191,6 +232,62 @@ def kv_transfer_config(spec: WorkerSpec) -> dict[str, object] | None:
         lease_s=DEFAULT_LEASE_S if spec.lease_s is None else spec.lease_s,
         kv_load_failure_policy=spec.kv_load_failure_policy,
         advertise_host=spec.advertise_host,
+    )
+
+
+def zmq_bind_endpoint(host: str, port: int) -> str:
+    """A ZMQ endpoint that vLLM's KV-events publisher *binds* on ``host:port``.
+
+    vLLM binds its PUB socket only for endpoints holding ``*`` or ``::`` and connects for any
+    other (``ZmqEventPublisher._is_bind_endpoint``), so ``tcp://10.0.0.5:16100`` would make
+    it dial out instead of listen. A wildcard host becomes ``tcp://*:port``; an IPv4 address
+    is written IPv4-mapped (``tcp://[::ffff:10.0.0.5]:port``), which vLLM binds and ZMQ
+    listens on as that IPv4 address only, so events are not offered on more interfaces than
+    the API. ValueError for hosts ZMQ cannot bind without its IPv6 option (IPv6 addresses,
+    names that do not resolve to IPv4).
+    """
+    if host in _WILDCARD_HOSTS:
+        return f"tcp://*:{port}"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:  # ZMQ binds addresses and interface names, never DNS names ("localhost")
+            address = ipaddress.ip_address(socket.gethostbyname(host))
+        except OSError as exc:
+            raise ValueError(f"cannot resolve {host!r} to an IPv4 address: {exc}") from None
+    if address.version != 4:
+        raise ValueError(
+            f"cannot bind KV events on IPv6 address {host}; use an IPv4 or 0.0.0.0 host, or "
+            "turn KV events off"
+        )
+    return f"tcp://[::ffff:{address}]:{port}"
+
+
+def kv_events_config(spec: WorkerSpec) -> dict[str, object] | None:
+    """The ``--kv-events-config`` dict of ``spec`` (vLLM's ``KVEventsConfig`` fields), or None
+    when its KV events are off."""
+    if not spec.kv_events:
+        return None
+    return {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": zmq_bind_endpoint(spec.host, spec.resolved_kv_events_port),
+        "replay_endpoint": zmq_bind_endpoint(spec.host, spec.resolved_kv_events_replay_port),
+        # Subscribers filter on it; the role tells a prefill's stream from a decode's.
+        "topic": f"kv-events.{spec.role}",
+    }
+
+
+def advertised_kv_events(spec: WorkerSpec) -> KvEventsEndpoint | None:
+    """Where a proxy dials ``spec``'s KV events (the host of its advertised URL), or None."""
+    if not spec.kv_events:
+        return None
+    from proxy.instances import KvEventsEndpoint
+
+    host = f"[{spec.dial_host}]" if ":" in spec.dial_host else spec.dial_host
+    return KvEventsEndpoint(
+        endpoint=f"tcp://{host}:{spec.resolved_kv_events_port}",
+        replay_endpoint=f"tcp://{host}:{spec.resolved_kv_events_replay_port}",
     )
 
 
@@ -244,6 +341,9 @@ def build_command(spec: WorkerSpec) -> tuple[list[str], dict[str, str]]:
     if kv_config is not None:
         argv += ["--kv-transfer-config", json.dumps(kv_config, separators=(",", ":"))]
         env.update(secret_env(spec.secret))
+    events_config = kv_events_config(spec)
+    if events_config is not None:
+        argv += ["--kv-events-config", json.dumps(events_config, separators=(",", ":"))]
     if spec.device == "cpu":
         # CPU has no graph capture to gain from, and eager start is several times faster.
         argv.append("--enforce-eager")
@@ -275,23 +375,40 @@ def validate_spec(spec: WorkerSpec) -> None:
         raise WorkerConfigError(f"kv_cache_gib: must be positive, got {spec.kv_cache_gib}")
     if spec.device != "cpu" and spec.device not in VISIBLE_DEVICES_ENV:
         raise WorkerConfigError(f"device: unknown device {spec.device!r}")
-    ports = [("api_port", spec.resolved_api_port)]
-    kv_port = spec.resolved_kv_port
-    if spec.settings.kv_port_base is not None and kv_port is not None:
-        ports.append(("kv_port", kv_port))  # only roles that listen for block pulls
+    ports = listening_ports(spec)
     for name, port in ports:
         if not 0 < port < 65536:
             raise WorkerConfigError(f"{name}: must be in 1..65535, got {port}")
+    owners: dict[int, str] = {}
+    for name, port in ports:
+        if port in owners:
+            raise WorkerConfigError(f"{name}: port {port} is also the {owners[port]}")
+        owners[port] = name
+    for name, port in ports:
         if not port_is_free(spec.host, port):
             raise WorkerConfigError(f"{name}: {spec.host}:{port} is already in use")
-    if len({port for _, port in ports}) != len(ports):
-        raise WorkerConfigError("kv_port: must differ from api_port")
     try:
         kv_transfer_config(spec)
     except ValueError as exc:
         raise WorkerConfigError(f"kv transfer config: {exc}") from exc
+    try:
+        kv_events_config(spec)
+    except ValueError as exc:
+        raise WorkerConfigError(f"kv_events: {exc}") from exc
     if spec.settings.kv_role is not None:
         _validate_secret(spec)
+
+
+def listening_ports(spec: WorkerSpec) -> list[tuple[str, int]]:
+    """``(field, port)`` of every port ``spec``'s server listens on (on ``spec.host``)."""
+    ports = [("api_port", spec.resolved_api_port)]
+    kv_port = spec.resolved_kv_port
+    if spec.settings.kv_port_base is not None and kv_port is not None:
+        ports.append(("kv_port", kv_port))  # only roles that listen for block pulls
+    if spec.kv_events:
+        ports.append(("kv_events_port", spec.resolved_kv_events_port))
+        ports.append(("kv_events_replay_port", spec.resolved_kv_events_replay_port))
+    return ports
 
 
 def _validate_secret(spec: WorkerSpec) -> None:

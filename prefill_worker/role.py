@@ -15,6 +15,8 @@ SETTINGS = RoleSettings(
     kv_role="producer",
     api_port_base=8100,
     kv_port_base=15100,
+    kv_events_port_base=16100,
+    kv_events_replay_port_base=17100,
     max_num_batched_tokens=16384,
     max_num_seqs=16,
 )

@@ -18,7 +18,12 @@ from aiohttp import web
 from proxy.errors import ProxyError, UnreadableBody
 from proxy.instances import Instance, Role
 from proxy.pd_flow import error_response
-from proxy.registry import InstanceExistsError, InstanceRegistry, UnknownInstanceError
+from proxy.registry import (
+    InstanceExistsError,
+    InstanceRegistry,
+    KvEventsError,
+    UnknownInstanceError,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -27,6 +32,7 @@ def instance_view(instance: Instance) -> dict[str, Any]:
     return {
         "url": instance.url,
         "role": instance.role.value,
+        "kv_events": None if instance.kv_events is None else instance.kv_events.to_json(),
         "healthy": instance.healthy,
         "draining": instance.draining,
         "in_flight_requests": instance.in_flight_requests,
@@ -59,10 +65,13 @@ class AdminAPI:
             role = Role(role_name)
         except ValueError:
             raise ProxyError(400, "`role` must be 'prefill' or 'decode'", "role") from None
+        kv_events = body.get("kv_events")  # optional; null or absent: none
         try:
-            instance = self._registry.add(url, role)
+            instance = self._registry.add(url, role, kv_events)
         except InstanceExistsError as exc:
             raise ProxyError(409, str(exc), "url") from None
+        except KvEventsError as exc:
+            raise ProxyError(400, str(exc), "kv_events") from None
         except ValueError as exc:
             raise ProxyError(400, str(exc), "url") from None
         return _json(instance_view(instance), status=201)

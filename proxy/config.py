@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Self
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from proxy.registry import normalise_url
+from proxy.registry import normalise_url, parse_kv_events
 
 MIB = 1024 * 1024
 
@@ -98,11 +100,45 @@ class AdminConfig(_Strict):
     token: str | None = None
 
 
+class InstanceEntry(_Strict):
+    """A static instance with more than its URL: ``{url: ..., kv_events: {endpoint: ...,
+    replay_endpoint: ...}}`` (the admin API's registration fields; a plain URL string is the
+    same entry without ``kv_events``)."""
+
+    url: str
+    # Where the instance publishes vLLM's KV cache events: tcp:// on the URL's own host.
+    kv_events: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _normalise(self) -> Self:
+        self.url = normalise_url(self.url)
+        if self.kv_events is not None:
+            self.kv_events = parse_kv_events(self.kv_events, self.url).to_json()
+        return self
+
+    @classmethod
+    def of(cls, item: str | InstanceEntry) -> InstanceEntry:
+        return cls(url=item) if isinstance(item, str) else item
+
+
+def _entry_kind(value: Any) -> str:
+    return "url" if isinstance(value, str) else "entry"
+
+
+# A plain URL string or an InstanceEntry mapping. Tagged, so that a bad mapping is reported
+# once, as an entry, rather than also as "not a valid string".
+StaticInstance = Annotated[
+    Annotated[str, Tag("url")] | Annotated[InstanceEntry, Tag("entry")],
+    Discriminator(_entry_kind),
+]
+
+
 class ProxyConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    prefill: list[str] = Field(default_factory=list)
-    decode: list[str] = Field(default_factory=list)
+    # Static instances: URL strings, or {url, kv_events} entries (see InstanceEntry).
+    prefill: list[StaticInstance] = Field(default_factory=list)
+    decode: list[StaticInstance] = Field(default_factory=list)
     prefill_policy: PolicySpec = Field(default_factory=lambda: PolicySpec(name="prefill_cost"))
     decode_policy: PolicySpec = Field(default_factory=lambda: PolicySpec(name="least_load"))
     # Prompts with fewer (estimated) tokens skip the prefill leg and go straight to decode.
@@ -137,8 +173,8 @@ class ProxyConfig(_Strict):
 
     @field_validator("prefill", "decode")
     @classmethod
-    def _normalise_urls(cls, urls: list[str]) -> list[str]:
-        return [normalise_url(url) for url in urls]
+    def _normalise_urls(cls, items: list[str | InstanceEntry]) -> list[str | InstanceEntry]:
+        return [normalise_url(item) if isinstance(item, str) else item for item in items]
 
 
 def load_proxy_config(path: str | Path) -> ProxyConfig:

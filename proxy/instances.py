@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 class Role(enum.StrEnum):
     PREFILL = "prefill"
     DECODE = "decode"
+
+
+@dataclass(frozen=True, slots=True)
+class KvEventsEndpoint:
+    """Where an instance publishes vLLM's KV cache events, as a proxy dials them.
+
+    The field names are those of vLLM's ``KVEventsConfig``; the JSON form (admin API, config
+    file, controller) is ``{"endpoint": "tcp://host:port", "replay_endpoint": ...}``. Both
+    are on the instance URL's own host (``registry.parse_kv_events`` makes sure), so nobody
+    who registers an instance can point the proxy at an arbitrary address.
+    """
+
+    endpoint: str  # the ZMQ PUB socket
+    replay_endpoint: str | None = None  # the ZMQ ROUTER that resends missed batches
+
+    def to_json(self) -> dict[str, str | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+KV_EVENTS_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(KvEventsEndpoint))
 
 
 @dataclass(eq=False, slots=True)
@@ -22,6 +42,7 @@ class Instance:
 
     url: str
     role: Role
+    kv_events: KvEventsEndpoint | None = None  # None: the instance publishes none we know of
     healthy: bool = True
     draining: bool = False
     consecutive_failures: int = 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from proxy.instances import Instance, Role
+from proxy.instances import KV_EVENTS_FIELDS, Instance, KvEventsEndpoint, Role
 
 # Longer than any real base URL (a DNS name is at most 253 characters).
 MAX_URL_LENGTH = 512
@@ -21,6 +21,10 @@ _PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
 
 class InstanceExistsError(ValueError):
     """An instance with this URL is already registered."""
+
+
+class KvEventsError(ValueError):
+    """An instance's ``kv_events`` endpoints are malformed or not on its own host."""
 
 
 class UnknownInstanceError(LookupError):
@@ -37,12 +41,21 @@ class InstanceRegistry:
         """Call ``callback(instance)`` after an instance leaves the registry."""
         self._on_remove.append(callback)
 
-    def add(self, url: str, role: Role | str) -> Instance:
+    def add(
+        self,
+        url: str,
+        role: Role | str,
+        kv_events: KvEventsEndpoint | Mapping[str, object] | None = None,
+    ) -> Instance:
+        """Register an instance; ``kv_events`` (see :func:`parse_kv_events`) is where it
+        publishes its KV cache events. ValueError (KvEventsError for ``kv_events``) says
+        what is wrong."""
         url = normalise_url(url)
+        events = None if kv_events is None else parse_kv_events(kv_events, url)
         if url in self._by_url:
             existing = self._by_url[url]
             raise InstanceExistsError(f"instance {url} is already registered as {existing.role}")
-        instance = Instance(url=url, role=Role(role))
+        instance = Instance(url=url, role=Role(role), kv_events=events)
         self._by_url[url] = instance
         self._refresh(instance.role)
         return instance
@@ -137,31 +150,94 @@ def normalise_url(url: str) -> str:
     for char, part in (("/", "a path"), ("?", "a query"), ("#", "a fragment"), ("@", "user info")):
         if char in authority:
             raise ValueError(f"instance URL {shown} must be a bare base URL, without {part}")
+    host, port = _split_authority(authority, f"instance URL {shown}")
+    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
+
+
+def _split_authority(authority: str, what: str) -> tuple[str, int | None]:
+    """``host[:port]`` -> ``(host, port)``, an IPv6 host kept in brackets; ValueError starts
+    with ``what`` (the field and its value) and says what is wrong."""
     if authority.startswith("["):
         host, bracket, port_text = authority[1:].partition("]")
         if not bracket:
-            raise ValueError(f"instance URL {shown} has an unclosed '[' in its host")
+            raise ValueError(f"{what} has an unclosed '[' in its host")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"instance URL {shown}: {host!r} is not an IPv6 address") from None
+            raise ValueError(f"{what}: {host!r} is not an IPv6 address") from None
         host = f"[{host}]"
         if port_text and not port_text.startswith(":"):
-            raise ValueError(f"instance URL {shown} has text after its host")
+            raise ValueError(f"{what} has text after its host")
         has_port, port_text = bool(port_text), port_text[1:]
     else:
         host, colon, port_text = authority.partition(":")
         has_port = bool(colon)
         if ":" in port_text:
-            raise ValueError(
-                f"instance URL {shown} has more than one ':' (IPv6 addresses go in brackets)"
-            )
+            raise ValueError(f"{what} has more than one ':' (IPv6 addresses go in brackets)")
         if not host:
-            raise ValueError(f"instance URL {shown} has no host")
+            raise ValueError(f"{what} has no host")
         if not _HOSTNAME.fullmatch(host):
-            raise ValueError(f"instance URL {shown}: {host!r} is not a host name or IP address")
-    if has_port:
-        if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-            raise ValueError(f"instance URL {shown}: port must be a number in 1..65535")
-        return f"{scheme}://{host}:{int(port_text)}"
-    return f"{scheme}://{host}"
+            raise ValueError(f"{what}: {host!r} is not a host name or IP address")
+    if not has_port:
+        return host, None
+    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{what}: port must be a number in 1..65535")
+    return host, int(port_text)
+
+
+def url_host(url: str) -> str:
+    """The host of a normalised instance URL (IPv6 in brackets)."""
+    authority = url.partition("://")[2]
+    host, _ = _split_authority(authority, f"instance URL {url!r}")
+    return host
+
+
+def parse_kv_events(value: object, url: str) -> KvEventsEndpoint:
+    """The KV-events endpoints of the instance at ``url`` from plain data (JSON, YAML) or a
+    :class:`KvEventsEndpoint`; KvEventsError says which field is wrong and why.
+
+    Each endpoint must be ``tcp://host:port`` on the host of ``url`` itself: whoever
+    registers an instance chooses only its ports, never another address the proxy dials.
+    """
+    if isinstance(value, KvEventsEndpoint):
+        value = value.to_json()
+    if not isinstance(value, Mapping):
+        raise KvEventsError(f"kv_events must be an object with keys {list(KV_EVENTS_FIELDS)}")
+    unknown = sorted(str(key) for key in value if key not in KV_EVENTS_FIELDS)
+    if unknown:
+        raise KvEventsError(f"kv_events: unknown keys {unknown}; known: {list(KV_EVENTS_FIELDS)}")
+    host = url_host(normalise_url(url))
+    endpoint = _tcp_endpoint(value.get("endpoint"), host, "endpoint", url)
+    replay = value.get("replay_endpoint")
+    replay_endpoint = (
+        None if replay is None else _tcp_endpoint(replay, host, "replay_endpoint", url)
+    )
+    if replay_endpoint == endpoint:
+        raise KvEventsError("kv_events: endpoint and replay_endpoint must be different ports")
+    return KvEventsEndpoint(endpoint=endpoint, replay_endpoint=replay_endpoint)
+
+
+def _tcp_endpoint(value: object, host: str, field: str, url: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise KvEventsError(f"kv_events.{field} is required and must be a string")
+    if len(value) > MAX_URL_LENGTH:
+        raise KvEventsError(f"kv_events.{field} is longer than {MAX_URL_LENGTH} characters")
+    what = f"kv_events.{field} {value[:80]!r}"
+    scheme, sep, authority = value.strip().partition("://")
+    if not sep or scheme.lower() != "tcp":
+        raise KvEventsError(f"{what} must be tcp://host:port")
+    try:
+        endpoint_host, port = _split_authority(authority.rstrip("/"), what)
+    except ValueError as exc:
+        raise KvEventsError(str(exc)) from None
+    if port is None:
+        raise KvEventsError(f"{what} has no port")
+    if not _same_host(endpoint_host, host):
+        raise KvEventsError(f"{what} must be on the instance's own host {host} (the URL's, {url})")
+    return f"tcp://{host}:{port}"
+
+
+def _same_host(a: str, b: str) -> bool:
+    if a.startswith("[") and b.startswith("["):
+        return ipaddress.IPv6Address(a[1:-1]) == ipaddress.IPv6Address(b[1:-1])
+    return a.lower() == b.lower()

@@ -19,9 +19,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy.admin import AdminAPI
 from proxy.api import PublicAPI
 from proxy.catalog import ModelCatalog
-from proxy.config import ProxyConfig
+from proxy.config import InstanceEntry, ProxyConfig
 from proxy.health import HealthChecker, HealthTracker
-from proxy.instances import Instance, Role
+from proxy.instances import Instance, KvEventsEndpoint, Role
 from proxy.kv_release import KVReleaser
 from proxy.metrics import ProxyMetrics
 from proxy.pd_flow import PDFlow, RoutedPolicy
@@ -76,10 +76,11 @@ class ProxyServer:
         """Policies default to the config's; ValueError names a bad policy or URL."""
         self.config = config
         self.registry = InstanceRegistry()
-        for role, urls in ((Role.PREFILL, config.prefill), (Role.DECODE, config.decode)):
-            for url in urls:
+        for role, items in ((Role.PREFILL, config.prefill), (Role.DECODE, config.decode)):
+            for item in items:
+                entry = InstanceEntry.of(item)
                 try:
-                    self.registry.add(url, role)
+                    self.registry.add(entry.url, role, entry.kv_events)
                 except ValueError as exc:
                     # One line naming the field, as the CLI prints config errors.
                     raise ValueError(f"{role.value}: {exc}") from None
@@ -155,8 +156,10 @@ class ProxyServer:
 
     # -- instances ----------------------------------------------------------------------
 
-    def add_instance(self, url: str, role: Role | str) -> Instance:
-        return self.registry.add(url, role)
+    def add_instance(
+        self, url: str, role: Role | str, kv_events: KvEventsEndpoint | None = None
+    ) -> Instance:
+        return self.registry.add(url, role, kv_events)
 
     def remove_instance(self, url: str) -> Instance:
         return self.registry.remove(url)

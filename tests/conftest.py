@@ -154,6 +154,9 @@ def _worker_argv(
         "--lease-s", str(ENGINE_LEASE_S),
         "--kv-load-failure-policy", KV_LOAD_FAILURE_POLICY,
         "--stop-grace-s", str(PROCESS_GRACE_S),
+        # Several engines of one role run side by side: the role's default ports would collide.
+        "--kv-events-port", str(free_port()),
+        "--kv-events-replay-port", str(free_port()),
         *extra,
     ]  # fmt: skip
     if kv_port is not None:

@@ -94,8 +94,8 @@ async def test_list_add_drain_remove(
         (decode.url, "decode"),
     }
     assert set(listing[0]) == {
-        "url", "role", "healthy", "draining", "in_flight_requests", "in_flight_tokens",
-        "consecutive_failures",
+        "url", "role", "kv_events", "healthy", "draining", "in_flight_requests",
+        "in_flight_tokens", "consecutive_failures",
     }  # fmt: skip
 
     extra = await make_worker("decode")
