@@ -100,6 +100,38 @@ class AdminConfig(_Strict):
     token: str | None = None
 
 
+class KVEventsSubscribeConfig(_Strict):
+    """The proxy's subscription to its instances' KV cache events (``proxy/kv_events.py``),
+    kept in an index of which prefix blocks each instance holds (nothing routes on it yet).
+
+    Memory is bounded: about 127 bytes per indexed block, at most
+    ``max_blocks_per_instance * max_instances`` blocks (about 2.1 GB at the defaults; real
+    use is the engines' own block counts), plus per instance at most
+    ``receive_queue_batches`` queued messages of at most ``max_message_bytes`` (128 MiB at
+    the defaults; a step's batch is a few KiB)."""
+
+    subscribe: bool = True
+    # A bound above any engine's block count: blocks beyond it are dropped oldest first.
+    max_blocks_per_instance: int = Field(default=262_144, ge=1)
+    # Instances beyond this are not indexed (logged once).
+    max_instances: int = Field(default=64, ge=1)
+    # The engines' hash block size; stored events of another size are ignored. null: any.
+    block_size: int | None = Field(default=None, ge=1)
+    # ZMQ RCVHWM of each subscription: messages beyond it are dropped (a gap, replayed).
+    receive_queue_batches: int = Field(default=128, ge=1)
+    # ZMQ MAXMSGSIZE: one batch of a large prefill is well under 1 MiB.
+    max_message_bytes: int = Field(default=1 * MIB, ge=1024)
+    # A subscription yields the event loop after this many batches, so a flood cannot
+    # starve request handling.
+    max_batches_per_turn: int = Field(default=64, ge=1)
+    # A replay silent this long is given up (the gap is resynced) ...
+    replay_timeout_s: float = Field(default=2.0, gt=0)
+    # ... and the instance's gaps are resynced without asking for this long.
+    replay_backoff_s: float = Field(default=30.0, ge=0)
+    # How often new instances are subscribed to and re-admitted ones reset.
+    sync_interval_s: float = Field(default=1.0, gt=0)
+
+
 class InstanceEntry(_Strict):
     """A static instance with more than its URL: ``{url: ..., kv_events: {endpoint: ...,
     replay_endpoint: ...}}`` (the admin API's registration fields; a plain URL string is the
@@ -154,6 +186,8 @@ class ProxyConfig(_Strict):
     # one within their stage deadline. Health checks are not held back by the cap.
     upstream_max_connections_per_instance: int = Field(default=256, ge=1)
     max_body_bytes: int = Field(default=8 * MIB, gt=0)
+    # Subscribing to the instances' KV cache events (see KVEventsSubscribeConfig).
+    kv_events: KVEventsSubscribeConfig = Field(default_factory=KVEventsSubscribeConfig)
     # The KV transfer's shared secret, to release prefill blocks no decode leg will read.
     # Read from this file (mode 0600), else from $PDSERVE_KV_SECRET; never from the command line.
     kv_secret_file: Path | None = None

@@ -22,6 +22,8 @@ from proxy.catalog import ModelCatalog
 from proxy.config import InstanceEntry, ProxyConfig
 from proxy.health import HealthChecker, HealthTracker
 from proxy.instances import Instance, KvEventsEndpoint, Role
+from proxy.kv_events import KV_INDEX_KEY, KVEventSubscriber
+from proxy.kv_index import KVIndex
 from proxy.kv_release import KVReleaser
 from proxy.metrics import ProxyMetrics
 from proxy.pd_flow import PDFlow, RoutedPolicy
@@ -106,6 +108,18 @@ class ProxyServer:
         self._tracker = HealthTracker(self.registry, config.health, self.metrics)
         self.health_checker = HealthChecker(self.registry, self._pool, config.health, self._tracker)
         self._catalog = ModelCatalog(self.registry, self._pool, self.metrics.set_known_models)
+        # Which prefix blocks each instance holds, from its KV events (None: subscription
+        # off). For routing code; kept off the request path by its own tasks.
+        self.kv_index: KVIndex | None = None
+        self.kv_events: KVEventSubscriber | None = None
+        events = config.kv_events
+        if events.subscribe:
+            self.kv_index = KVIndex(
+                events.max_blocks_per_instance, events.max_instances, block_size=events.block_size
+            )
+            self.kv_events = KVEventSubscriber(
+                self.registry, self.kv_index, events, self.metrics.registry
+            )
         self._runners: list[web.AppRunner] = []
         self.port: int | None = None
         self.admin_port: int | None = None
@@ -121,9 +135,13 @@ class ProxyServer:
             await self.stop()
             raise
         await self.health_checker.start()
+        if self.kv_events is not None:
+            await self.kv_events.start()
         log.info("proxy listening on %s (admin: %s)", self.url, self.admin_url or "off")
 
     async def stop(self) -> None:
+        if self.kv_events is not None:
+            await self.kv_events.stop()
         await self.health_checker.stop()
         runners, self._runners = self._runners, []
         for runner in runners:
@@ -200,6 +218,8 @@ class ProxyServer:
             max_body_bytes=config.max_body_bytes,
         )
         app = web.Application(client_max_size=config.max_body_bytes)
+        if self.kv_index is not None:
+            app[KV_INDEX_KEY] = self.kv_index
         public.install(app)
         admin = AdminAPI(self.registry, config.admin.token)
         if config.admin.port is None and config.admin.token:
