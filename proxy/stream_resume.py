@@ -267,12 +267,13 @@ class ResumableStream:
                 self._prompt_ids = found.group(1)
                 if self.strips:
                     data = data[: found.start()] + _NULL_PROMPT_IDS + data[found.end() :]
-        ids = _TOKEN_IDS_RE.findall(data)
+        # One pass: split on the pattern keeps its group (the ids) at the odd places.
+        parts = _TOKEN_IDS_RE.split(data)
         out = data
-        if ids:
-            self._raw_ids += ids
+        if len(parts) > 1:
+            self._raw_ids += parts[1::2]
             if self.strips:
-                out = _TOKEN_IDS_RE.sub(_NULL_TOKEN_IDS, data)
+                out = _NULL_TOKEN_IDS.join(parts[0::2])
         return self._check_chat(data, out) if self._chat else out
 
     def _check_chat(self, data: bytes, out: bytes) -> bytes:
