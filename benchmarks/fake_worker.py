@@ -72,6 +72,9 @@ class Faults:
     drop_inside_event: bool = False  # the cut comes after half of the next chunk
     unhealthy: bool = False  # /health answers 503
     omit_kv_transfer_params: bool = False  # prefill answers without kv_transfer_params
+    # Generate requests wait until it is set (after being recorded): a test can act while a
+    # request is known to be inside this worker, without guessing how long that takes.
+    gate: asyncio.Event | None = None
 
 
 @dataclass
@@ -177,6 +180,8 @@ class FakeWorker:
             return _error(400, "invalid JSON")
         self._record(request, body)
         faults = self.faults
+        if faults.gate is not None:
+            await faults.gate.wait()
         if faults.hang:
             await asyncio.Event().wait()
         if faults.delay_s:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -102,6 +103,15 @@ def held_lease(kv_server: tuple[BlockServer, LeaseTable]) -> tuple[BlockServer, 
     return server, leases
 
 
+async def _until(condition: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
+    """Waits on a condition, never on a guess of how long it takes; the bound only ends a
+    failing test."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {within_s} s"
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("failure", ["decode-500", "decode-unreachable", "no-decode-left"])
 async def test_failed_decode_leg_releases_the_prefill_blocks_at_once(
     make_worker: WorkerFactory,
@@ -120,20 +130,26 @@ async def test_failed_decode_leg_releases_the_prefill_blocks_at_once(
         decode_urls = [f"http://127.0.0.1:{free_port()}"]
     proxy = await make_proxy([prefill], decode_urls)
     if failure == "no-decode-left":
-        # The decode pool empties while the prefill leg runs.
-        prefill.faults.delay_s = 0.3
-        asyncio.get_running_loop().call_later(0.1, proxy.registry.drain, decode.url)
-    async with http.post(proxy.url + "/v1/completions", json=_body()) as response:
-        if failure == "decode-unreachable":
-            # No decode accepts a connection: the prefill instance serves it whole.
-            assert response.status == 200
-        else:
-            assert response.status >= 500
-    for _ in range(100):  # the release runs in the background: allow it up to 2 s
-        if not len(leases):
-            break
-        await asyncio.sleep(0.02)
-    assert len(leases) == 0, "the prefill still holds the blocks of a failed decode leg"
+        prefill.faults.gate = asyncio.Event()
+
+    async def post() -> int:
+        async with http.post(proxy.url + "/v1/completions", json=_body()) as response:
+            return response.status
+
+    answer = asyncio.create_task(post())
+    if failure == "no-decode-left":
+        # The decode pool empties while the prefill leg is inside the prefill worker.
+        await _until(lambda: bool(prefill.generate_requests()), "the prefill leg arrived")
+        proxy.registry.drain(decode.url)
+        prefill.faults.gate.set()
+    status = await answer
+    if failure == "decode-unreachable":
+        # No decode accepts a connection: the prefill instance serves it whole.
+        assert status == 200
+    else:
+        assert status >= 500
+    # The release runs in the background; the bound only matters when it never comes.
+    await _until(lambda: not len(leases), "the prefill released the blocks of the failed leg")
     text = proxy.metrics.render().decode()
     assert metric_value(text, "pdserve_kv_releases_total", outcome="released") == 1
 
