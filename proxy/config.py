@@ -102,7 +102,8 @@ class AdminConfig(_Strict):
 
 class KVEventsSubscribeConfig(_Strict):
     """The proxy's subscription to its instances' KV cache events (``proxy/kv_events.py``),
-    kept in an index of which prefix blocks each instance holds (nothing routes on it yet).
+    kept in an index of which prefix blocks each instance holds (read by the ``kv_cache``
+    routing policy).
 
     Memory is bounded: about 127 bytes per indexed block, at most
     ``max_blocks_per_instance * max_instances`` blocks (about 2.1 GB at the defaults; real
@@ -130,6 +131,23 @@ class KVEventsSubscribeConfig(_Strict):
     replay_backoff_s: float = Field(default=30.0, ge=0)
     # How often new instances are subscribed to and re-admitted ones reset.
     sync_interval_s: float = Field(default=1.0, gt=0)
+
+
+class RoutingTokenizerConfig(_Strict):
+    """The model's own tokenizer in the proxy (``proxy/tokenizer.py``), for routing only: a
+    policy that routes on the engines' prefix caches (``kv_cache``) needs each prompt's
+    block hashes, hence its token ids exactly as the engine computes them. Loaded with
+    ``transformers.AutoTokenizer`` from a local HF model directory, never from the network;
+    prompts are tokenized in a pool of ``workers`` threads, off the event loop, and only
+    while such a policy is configured. The legs still send the client's request as is."""
+
+    # The HF model directory the engines serve (tokenizer.json, tokenizer_config.json and
+    # its chat template): the same files, or the ids will not match the engines'.
+    model_dir: Path
+    workers: int = Field(default=2, ge=1, le=64)
+    # The engines' PYTHONHASHSEED, which seeds vLLM's block hashes. null: unset, as pdserve's
+    # worker launch leaves it (vLLM then seeds sha256 hashes with "vllm-none-hash").
+    engine_pythonhashseed: str | None = None
 
 
 class InstanceEntry(_Strict):
@@ -188,6 +206,8 @@ class ProxyConfig(_Strict):
     max_body_bytes: int = Field(default=8 * MIB, gt=0)
     # Subscribing to the instances' KV cache events (see KVEventsSubscribeConfig).
     kv_events: KVEventsSubscribeConfig = Field(default_factory=KVEventsSubscribeConfig)
+    # The model's tokenizer for cache-aware routing (see RoutingTokenizerConfig); null: off.
+    routing_tokenizer: RoutingTokenizerConfig | None = None
     # The KV transfer's shared secret, to release prefill blocks no decode leg will read.
     # Read from this file (mode 0600), else from $PDSERVE_KV_SECRET; never from the command line.
     kv_secret_file: Path | None = None

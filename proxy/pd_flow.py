@@ -30,7 +30,7 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -53,6 +53,10 @@ from proxy.upstream import (
     UpstreamPool,
     UpstreamResponse,
 )
+
+if TYPE_CHECKING:
+    from proxy.block_hashes import HashSettings
+    from proxy.tokenizer import RoutingTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +152,15 @@ class PDFlow:
         kv_releaser: KVReleaser | None = None,
         retries: RetryConfig | None = None,
         context_length: Callable[[str | None], int | None] | None = None,
+        tokenizer: RoutingTokenizer | None = None,
+        hash_settings: Callable[[], HashSettings | None] | None = None,
     ) -> None:
         """``context_length(model)``: the model's context length if known, which a chat
-        stream without an output limit needs to continue after a break."""
+        stream without an output limit needs to continue after a break.
+
+        ``tokenizer`` and ``hash_settings()`` (the settings the engines hash blocks with,
+        None until known): given when a policy ``needs_kv_index``; then, and only then, each
+        request's block keys are computed (in the tokenizer's pool) before routing."""
         self._registry = registry
         self._pool = pool
         self._prefill = prefill
@@ -162,6 +172,13 @@ class PDFlow:
         self._disagg_min = disagg_min_prompt_tokens
         self._kv_releaser = kv_releaser
         self._context_length = context_length
+        self._tokenizer = tokenizer
+        self._hash_settings = hash_settings
+        self._needs_keys = (
+            tokenizer is not None
+            and hash_settings is not None
+            and (prefill.policy.needs_kv_index or decode.policy.needs_kv_index)
+        )
         self._timeout_counters = {
             stage: metrics.timeouts.labels(stage)
             for stage in ("connect", "prefill", "first_byte", "stall")
@@ -206,6 +223,8 @@ class PDFlow:
         status = 500
         try:
             try:
+                if self._needs_keys:
+                    await self._attach_block_keys(state)
                 response, status = await self._serve(state, path)
             except (ProxyError, UpstreamReply) as failure:
                 if state.out is None:
@@ -243,6 +262,19 @@ class PDFlow:
                     self._migrations["before_first_byte", ok].inc(before)
                 if state.mid_stream_moves:
                     self._migrations["mid_stream", ok].inc(state.mid_stream_moves)
+
+    async def _attach_block_keys(self, state: _RequestState) -> None:
+        """The prompt's block keys (and exact token count) on the request's RoutingRequest,
+        tokenized and hashed off the event loop; left None (routed on load) when the hash
+        settings are not known yet or the prompt cannot be tokenized as the engine would."""
+        assert self._tokenizer is not None and self._hash_settings is not None
+        settings = self._hash_settings()
+        if settings is None:
+            return
+        keys = await self._tokenizer.prompt_keys(state.req, settings)
+        if keys is not None:
+            state.routing.block_keys = keys.block_keys
+            state.routing.prompt_tokens = keys.prompt_tokens
 
     def _prepare_resume(self, state: _RequestState) -> None:
         """Whether a break mid-stream may continue elsewhere; if so the stream's decode legs
@@ -469,8 +501,14 @@ class PDFlow:
             )
         leg = step.request
         state.leg = leg
+        # The original prompt's block keys, if any, are a prefix of the continuation's (its
+        # prompt is the engine's prompt ids plus the output so far): a lower bound of its hits.
         state.routing = RoutingRequest(
-            state.request_id, leg.prompt, leg.prompt_tokens, leg.max_tokens
+            state.request_id,
+            leg.prompt,
+            leg.prompt_tokens,
+            leg.max_tokens,
+            state.routing.block_keys,
         )
         state.retries += 1
         state.mid_stream_moves += 1

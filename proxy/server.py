@@ -18,8 +18,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.admin import AdminAPI
 from proxy.api import PublicAPI
+from proxy.block_hashes import HashSettings
 from proxy.catalog import ModelCatalog
 from proxy.config import InstanceEntry, ProxyConfig
+from proxy.hash_settings import HashSettingsProbe
 from proxy.health import HealthChecker, HealthTracker
 from proxy.instances import Instance, KvEventsEndpoint, Role
 from proxy.kv_events import KV_INDEX_KEY, KVEventSubscriber
@@ -30,6 +32,7 @@ from proxy.pd_flow import PDFlow, RoutedPolicy
 from proxy.registry import InstanceRegistry
 from proxy.routing import load_policy
 from proxy.routing.base import RoutingPolicy
+from proxy.tokenizer import RoutingTokenizer
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -120,9 +123,50 @@ class ProxyServer:
             self.kv_events = KVEventSubscriber(
                 self.registry, self.kv_index, events, self.metrics.registry
             )
+        # Cache-aware routing (a policy with needs_kv_index): the engines' hash settings, read
+        # from their /metrics, and the model's tokenizer. None, and no work, otherwise.
+        self.hash_settings: HashSettingsProbe | None = None
+        self.routing_tokenizer: RoutingTokenizer | None = None
+        self._bind_kv_policies()
         self._runners: list[web.AppRunner] = []
         self.port: int | None = None
         self.admin_port: int | None = None
+
+    def _bind_kv_policies(self) -> None:
+        config = self.config
+        routed = [r for r in (self._prefill, self._decode) if r.policy.needs_kv_index]
+        if not routed:
+            return
+        names = ", ".join(sorted({r.name for r in routed}))
+        if self.kv_index is None:
+            raise ValueError(
+                f"routing policy {names} routes on the engines' KV events: it needs "
+                f"kv_events.subscribe: true"
+            )
+        tokenizer_config = config.routing_tokenizer
+        self.hash_settings = HashSettingsProbe(
+            self.registry,
+            self._pool,
+            pythonhashseed=tokenizer_config.engine_pythonhashseed if tokenizer_config else None,
+            interval_s=config.health.interval_s,
+            timeout_s=max(config.health.timeout_s, 5.0),
+        )
+        for item in routed:
+            item.policy.bind_kv_index(self.kv_index, self.hash_settings.settings_for)
+        if tokenizer_config is None:
+            log.warning(
+                "routing policy %s without routing_tokenizer: only token-id prompts get block "
+                "keys; text and chat prompts are routed on load alone",
+                names,
+            )
+        self.routing_tokenizer = RoutingTokenizer(
+            tokenizer_config.model_dir if tokenizer_config else None,
+            tokenizer_config.workers if tokenizer_config else 1,
+            self.metrics.registry,
+        )
+
+    def _hash_reference(self) -> HashSettings | None:
+        return self.hash_settings.reference if self.hash_settings is not None else None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -137,9 +181,15 @@ class ProxyServer:
         await self.health_checker.start()
         if self.kv_events is not None:
             await self.kv_events.start()
+        if self.routing_tokenizer is not None:
+            await self.routing_tokenizer.start()
+        if self.hash_settings is not None:
+            await self.hash_settings.start()
         log.info("proxy listening on %s (admin: %s)", self.url, self.admin_url or "off")
 
     async def stop(self) -> None:
+        if self.hash_settings is not None:
+            await self.hash_settings.stop()
         if self.kv_events is not None:
             await self.kv_events.stop()
         await self.health_checker.stop()
@@ -149,6 +199,8 @@ class ProxyServer:
         await self._catalog.stop()
         await self._kv_releaser.stop()
         await self._pool.close()
+        if self.routing_tokenizer is not None:
+            self.routing_tokenizer.close()
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()
@@ -209,6 +261,8 @@ class ProxyServer:
             kv_releaser=self._kv_releaser,
             retries=config.retries,
             context_length=self._catalog.context_length,
+            tokenizer=self.routing_tokenizer,
+            hash_settings=self._hash_reference if self.hash_settings is not None else None,
         )
         public = PublicAPI(
             flow=flow,

@@ -138,7 +138,12 @@ def server_launcher(
 
 
 def _worker_argv(
-    name: str, model: Path, port: int, kv_port: int | None, secret_file: Path
+    name: str,
+    model: Path,
+    port: int,
+    kv_port: int | None,
+    secret_file: Path,
+    events_ports: tuple[int, int],
 ) -> list[str]:
     role, extra = ENGINE_ROLES[name]
     argv = [
@@ -155,8 +160,8 @@ def _worker_argv(
         "--kv-load-failure-policy", KV_LOAD_FAILURE_POLICY,
         "--stop-grace-s", str(PROCESS_GRACE_S),
         # Several engines of one role run side by side: the role's default ports would collide.
-        "--kv-events-port", str(free_port()),
-        "--kv-events-replay-port", str(free_port()),
+        "--kv-events-port", str(events_ports[0]),
+        "--kv-events-replay-port", str(events_ports[1]),
         *extra,
     ]  # fmt: skip
     if kv_port is not None:
@@ -207,6 +212,7 @@ class EnginePool:
     def _launch(self, role: str, port: int | None = None, name: str | None = None) -> RunningServer:
         port = port or free_port()
         kv_port = free_port() if role == "prefill" else None
+        events_ports = (free_port(), free_port())
         env = dict(ENGINE_ENV.get(role, {}))
         if role in FREEZABLE:
             tests_dir = Path(__file__).parent
@@ -216,11 +222,12 @@ class EnginePool:
             env["PDSERVE_TEST_FREEZE_DIR"] = str(self.freeze_dir)
         return self._launcher.launch(
             name or role,
-            _worker_argv(role, self._model, port, kv_port, self._secret_file()),
+            _worker_argv(role, self._model, port, kv_port, self._secret_file(), events_ports),
             f"http://127.0.0.1:{port}",
             env=env,
             kv_port=kv_port,
             port=port,
+            kv_events_ports=events_ports,
         )
 
     def _secret_file(self) -> Path:

@@ -61,6 +61,12 @@ class RunningServer:
         return port if isinstance(port, int) else None
 
     @property
+    def kv_events_ports(self) -> tuple[int, int] | None:
+        """Where the engine publishes its KV events and answers replays (engines only)."""
+        ports = self.extra.get("kv_events_ports")
+        return ports if isinstance(ports, tuple) else None
+
+    @property
     def port(self) -> int | None:
         """The port the server was told to listen on (engines only)."""
         port = self.extra.get("port")

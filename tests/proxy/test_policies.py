@@ -21,7 +21,14 @@ from proxy.routing.prefill_cost import PrefillCostPolicy
 from proxy.routing.prefix_affinity import HashRing, PrefixAffinityPolicy
 from proxy.routing.round_robin import RoundRobinPolicy
 
-SHIPPED = ["least_load", "power_of_two", "prefill_cost", "prefix_affinity", "round_robin"]
+SHIPPED = [
+    "kv_cache",
+    "least_load",
+    "power_of_two",
+    "prefill_cost",
+    "prefix_affinity",
+    "round_robin",
+]
 
 
 def pool(count: int, role: Role = Role.DECODE, port: int = 8200) -> list[Instance]:
