@@ -235,9 +235,9 @@ def start_engine(
         model=settings.model,
         api_port=free_port(),
         kv_port=free_port() if role == "prefill" else None,
-        # Engines of one role run side by side here: the role's default ports would collide.
-        kv_events_port=free_port(),
-        kv_events_replay_port=free_port(),
+        # Nothing here routes on KV events; their ports would be two more picked now and bound
+        # a minute later, which another pick could take meanwhile.
+        kv_events=False,
         cpu_core=core,
         kv_cache_gib=settings.kv_cache_gib,
         secret=settings.secret,

@@ -89,6 +89,8 @@ ENGINE_ROLES: dict[str, tuple[str, list[str]]] = {
 # Environment added to an engine's. ``decode_queued`` serves vLLM's development endpoints: its
 # ``/pause?mode=keep`` lets a test hold requests in the scheduler's queue as long as it wants.
 ENGINE_ENV: dict[str, dict[str, str]] = {"decode_queued": {"VLLM_SERVER_DEV_MODE": "1"}}
+# Engines that publish their KV events (tests/integration/test_kv_events_real.py reads them).
+KV_EVENTS_ENGINES = frozenset({"decode_queued"})
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -159,11 +161,14 @@ def _worker_argv(
         "--lease-s", str(ENGINE_LEASE_S),
         "--kv-load-failure-policy", KV_LOAD_FAILURE_POLICY,
         "--stop-grace-s", str(PROCESS_GRACE_S),
-        # Several engines of one role run side by side: the role's default ports would collide.
-        "--kv-events-port", str(events_ports[0]),
-        "--kv-events-replay-port", str(events_ports[1]),
         *extra,
     ]  # fmt: skip
+    if name in KV_EVENTS_ENGINES:
+        # Several engines of one role run side by side: the role's default ports would collide.
+        argv += ["--kv-events-port", str(events_ports[0])]
+        argv += ["--kv-events-replay-port", str(events_ports[1])]
+    else:
+        argv.append("--no-kv-events")  # fewer ports bound late, which another pick could take
     if kv_port is not None:
         argv += ["--kv-port", str(kv_port)]
     return argv
@@ -178,6 +183,7 @@ class EnginePool:
         self._needed = needed
         self._launched: dict[str, RunningServer] = {}
         self._relaunches = 0
+        self._given_ports: set[int] = set()
 
     def ready(self, role: str) -> RunningServer:
         """The ``role`` engine, launched (with its siblings) if need be, once it answers."""
@@ -210,9 +216,9 @@ class EnginePool:
         return path
 
     def _launch(self, role: str, port: int | None = None, name: str | None = None) -> RunningServer:
-        port = port or free_port()
-        kv_port = free_port() if role == "prefill" else None
-        events_ports = (free_port(), free_port())
+        port = port or self._pick_port()
+        kv_port = self._pick_port() if role == "prefill" else None
+        events_ports = (self._pick_port(), self._pick_port())
         env = dict(ENGINE_ENV.get(role, {}))
         if role in FREEZABLE:
             tests_dir = Path(__file__).parent
@@ -229,6 +235,14 @@ class EnginePool:
             port=port,
             kv_events_ports=events_ports,
         )
+
+    def _pick_port(self) -> int:
+        """A free port no engine of this session was given: the engines bind theirs a minute
+        later, and the kernel may hand a closed, never-connected port out again at once."""
+        while (port := free_port()) in self._given_ports:
+            pass
+        self._given_ports.add(port)
+        return port
 
     def _secret_file(self) -> Path:
         """The engines' shared KV secret, in a 0600 file (never on a command line)."""

@@ -119,7 +119,9 @@ def test_quick_profile_on_a_real_engine(tmp_path: Path) -> None:
     assert [s.prompt_tokens for s in profile.prefill] == [32, 256]
     assert {s.batch for s in profile.decode} == {1, 4}
     assert len(profile.kv_pull) == 2 and all(s.seconds > 0 for s in profile.kv_pull)
-    # A longer prompt takes longer; the fitted model predicts positive step times.
-    assert profile.prefill[1].seconds > profile.prefill[0].seconds
+    # Every point was measured and the fitted model predicts positive step times. (Whether
+    # 256 tokens take longer than 32 is not asked: on the tiny model both are a few ms of
+    # overhead, equal within noise; speed is for the benchmarks, not for tests.)
+    assert all(s.seconds > 0 for s in profile.prefill)
     assert step.step_seconds(256, 0, 0, 0) > 0 and step.step_seconds(0, 0, 4, 256) > 0
     assert profile.max_num_seqs >= 1 and profile.kv_bytes_per_token > 0
