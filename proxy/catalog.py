@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import orjson
 
+from proxy.background import supervised
 from proxy.errors import ProxyError
-from proxy.health import supervised
 from proxy.instances import Instance, Role
 from proxy.registry import InstanceRegistry
 from proxy.upstream import UpstreamError, UpstreamPool

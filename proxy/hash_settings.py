@@ -24,12 +24,11 @@ routed on load alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 
+from proxy.background import BackgroundTask, supervised
 from proxy.block_hashes import HashSettings, resolve_none_hash_seed
-from proxy.health import supervised
 from proxy.instances import Instance
 from proxy.registry import InstanceRegistry
 from proxy.upstream import UpstreamError, UpstreamPool
@@ -85,7 +84,7 @@ class HashSettingsProbe:
         # it uses; None when its settings are unusable (logged once).
         self._known: dict[str, tuple[Instance, HashSettings | None]] = {}
         self.reference: HashSettings | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask("pdserve-hash-settings", self._run)
         registry.on_remove(self._on_remove)
 
     # -- reading -------------------------------------------------------------------------
@@ -125,15 +124,10 @@ class HashSettingsProbe:
     # -- background task -------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="pdserve-hash-settings")
+        self._loop.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loop.stop()
 
     async def probe_all(self) -> None:
         """Read every healthy instance not read yet, concurrently."""

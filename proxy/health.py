@@ -7,17 +7,15 @@ The request flow also reports connection failures here, so a dead instance is
 ejected as soon as requests notice, not only at the next check. Any answer but 200
 (a 503 while the engine is down, a 500) is a failed check.
 
-Every background loop of the proxy runs its iterations under :func:`supervised`: an
-unexpected error is logged with what was being done, and the loop goes on.
+The checks run in a :class:`proxy.background.BackgroundTask`, each round supervised.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Iterator
 
+from proxy.background import BackgroundTask, supervised
 from proxy.config import HealthConfig
 from proxy.instances import Instance
 from proxy.metrics import ProxyMetrics
@@ -25,16 +23,6 @@ from proxy.registry import InstanceRegistry
 from proxy.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def supervised(logger: logging.Logger, what: str, *args: object) -> Iterator[None]:
-    """Run one iteration of a background loop: an unexpected error is logged, with a
-    traceback and ``what % args``, instead of ending the loop. Cancellation passes."""
-    try:
-        yield
-    except Exception:
-        logger.exception("unexpected error in " + what + "; carrying on", *args)
 
 
 class HealthTracker:
@@ -88,18 +76,13 @@ class HealthChecker:
         self._pool = pool
         self._config = config
         self._tracker = tracker
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask("pdserve-health-checker", self._run)
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="pdserve-health-checker")
+        self._loop.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loop.stop()
 
     async def check_all(self) -> None:
         """One round over every registered instance, concurrently."""
