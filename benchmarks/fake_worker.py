@@ -93,6 +93,13 @@ class FakeWorker:
     kv_outcome: str | None = None
     # Prefill: fields merged into the kv_transfer_params it hands out (e.g. a real KV server).
     kv_params_override: dict[str, Any] = field(default_factory=dict)
+    # Non-streamed answers report this prefix-cache hit as
+    # usage.prompt_tokens_details.cached_tokens, as vLLM does with
+    # --enable-prompt-tokens-details (None: no such field, as vLLM without it).
+    cached_tokens: int | None = None
+    # What /metrics says in vllm:cache_config_info (the proxy's cache-aware routing reads it).
+    block_size: int = 16
+    prefix_caching_hash_algo: str = "sha256"
     record: bool = True
     faults: Faults = field(default_factory=Faults)
     requests: list[RecordedRequest] = field(default_factory=list)
@@ -118,6 +125,7 @@ class FakeWorker:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -141,6 +149,15 @@ class FakeWorker:
     async def _health(self, request: web.Request) -> web.Response:
         self._record(request, None)
         return web.Response(status=503 if self.faults.unhealthy else 200)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self._record(request, None)
+        text = (
+            "# TYPE vllm:cache_config_info gauge\n"
+            f'vllm:cache_config_info{{block_size="{self.block_size}",enable_prefix_caching="True",'
+            f'prefix_caching_hash_algo="{self.prefix_caching_hash_algo}"}} 1.0\n'
+        )
+        return web.Response(text=text, content_type="text/plain")
 
     async def _models(self, request: web.Request) -> web.Response:
         self._record(request, None)
@@ -209,7 +226,7 @@ class FakeWorker:
             kv_out = kvp.DecodeOutcome(self.kv_outcome).to_params()
         prompt_ids = _prompt_ids(body, chat)
         # vLLM's UsageInfo field order.
-        usage = {
+        usage: dict[str, Any] = {
             "prompt_tokens": len(prompt_ids),
             "total_tokens": len(prompt_ids) + count * n,
             "completion_tokens": count * n,
@@ -219,6 +236,8 @@ class FakeWorker:
         output = _generate(prompt_ids, count)
         text = "".join(_token_text(t) for t in output)
         choices = [_choice(chat, index, text, "length") for index in range(n)]
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         payload = {
             "id": ("chatcmpl-" if chat else "cmpl-") + request_id,
             "object": "chat.completion" if chat else "text_completion",

@@ -28,6 +28,7 @@ import importlib
 import ipaddress
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -329,6 +330,10 @@ def build_command(spec: WorkerSpec) -> tuple[list[str], dict[str, str]]:
         "--dtype",
         spec.dtype,
         "--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching",
+        # Every non-streamed answer then says how much of its prompt the prefix cache held
+        # (usage.prompt_tokens_details.cached_tokens): the proxy checks its cache-aware
+        # routing against it (proxy/hit_check.py).
+        "--enable-prompt-tokens-details",
     ]
     if spec.max_model_len is not None:
         argv += ["--max-model-len", str(spec.max_model_len)]
@@ -442,6 +447,42 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+class PortPicker:
+    """Ports for servers that bind them late: a vLLM engine binds its ports up to a minute
+    after they are picked. Meanwhile a port from the kernel's ephemeral range may go to any
+    process's outgoing or internal socket (an engine's own among them), and the kernel may
+    offer a closed, never-connected port again at once. So picks come from just below that
+    range, where only an explicit bind takes a port, start at a random offset (concurrent
+    sessions stay apart), are free when picked, and never repeat for this picker."""
+
+    # How many ports below the ephemeral range are used.
+    SPAN = 10_000
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._host = host
+        self._given: set[int] = set()
+        try:
+            low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            low = 32768
+        self._first = max(1024, low - self.SPAN)
+        self._span = low - self._first
+        self._next = secrets.randbelow(self._span) if self._span > 0 else 0
+
+    def pick(self) -> int:
+        for _ in range(self._span):
+            port = self._first + self._next % self._span
+            self._next += 1
+            if port not in self._given and port_is_free(self._host, port):
+                self._given.add(port)
+                return port
+        while True:  # nothing free below the range: the kernel's pick, unique here at least
+            port = free_port(self._host)
+            if port not in self._given:
+                self._given.add(port)
+                return port
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -183,6 +183,30 @@ StaticInstance = Annotated[
 ]
 
 
+class PrefillBypassConfig(_Strict):
+    """The cache-aware PD decision: the decode instance is chosen first, by the decode pool's
+    cache-aware policy (``kv_cache``), and when its own prefix cache holds all of the prompt
+    but at most ``max_uncached_tokens`` tokens, the prefill leg is skipped: that decode
+    serves the request whole (path ``cache_bypass``). Otherwise the prefill leg runs and
+    the decode leg goes to the instance chosen first."""
+
+    # The uncached tail a decode instance computes itself rather than pull: about what it
+    # computes in one engine step without hurting its other requests' inter-token latency.
+    max_uncached_tokens: int = Field(default=256, ge=0)
+
+
+class CacheCheckConfig(_Strict):
+    """How the proxy checks its prefix-cache predictions against the engines' own figures
+    (``proxy/hit_check.py``): per instance, over the last ``window`` requests where either
+    side saw a hit, the predicted and observed hit tokens must agree to ``min_agreement``
+    (1 - sum|predicted - observed| / sum max(predicted, observed)); an instance that does
+    not is routed on load alone until it does again."""
+
+    enabled: bool = True
+    window: int = Field(default=16, ge=1, le=4096)
+    min_agreement: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
 class ProxyConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -208,6 +232,11 @@ class ProxyConfig(_Strict):
     kv_events: KVEventsSubscribeConfig = Field(default_factory=KVEventsSubscribeConfig)
     # The model's tokenizer for cache-aware routing (see RoutingTokenizerConfig); null: off.
     routing_tokenizer: RoutingTokenizerConfig | None = None
+    # Skip the prefill leg when the chosen decode instance caches the prompt (see
+    # PrefillBypassConfig); null: off. Needs a cache-aware decode policy (kv_cache).
+    prefill_bypass: PrefillBypassConfig | None = None
+    # Predicted vs observed prefix-cache hits of cache-aware routing (see CacheCheckConfig).
+    cache_check: CacheCheckConfig = Field(default_factory=CacheCheckConfig)
     # The KV transfer's shared secret, to release prefill blocks no decode leg will read.
     # Read from this file (mode 0600), else from $PDSERVE_KV_SECRET; never from the command line.
     kv_secret_file: Path | None = None

@@ -57,8 +57,8 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy.background import BackgroundTask, supervised
 from proxy.config import KVEventsSubscribeConfig
-from proxy.health import supervised
 from proxy.instances import Instance
 from proxy.kv_index import EventBatch, KVIndex, decode_event_batch
 from proxy.registry import InstanceRegistry
@@ -402,25 +402,21 @@ class KVEventSubscriber:
         self._ctx: zmq.asyncio.Context | None = None
         self._subs: dict[str, _Subscription] = {}
         self._sockets = _SocketCount()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask("pdserve-kv-events-reconcile", self._run)
         # Tasks of dropped subscriptions until they have closed their sockets.
         self._retired: set[asyncio.Task[None]] = set()
         registry.on_remove(self._on_remove)
 
     async def start(self) -> None:
-        if self._task is not None:
+        if self._loop.running:
             return
         # A context of its own (not zmq's global instance): stop() can terminate it.
         self._ctx = zmq.asyncio.Context()
         self.reconcile()
-        self._task = asyncio.create_task(self._run(), name="pdserve-kv-events-reconcile")
+        self._loop.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loop.stop()
         subs, self._subs = list(self._subs.values()), {}
         for sub in subs:
             await sub.stop()
@@ -433,7 +429,7 @@ class KVEventSubscriber:
 
     @property
     def running(self) -> bool:
-        return self._task is not None
+        return self._loop.running
 
     @property
     def zmq_context(self) -> zmq.asyncio.Context | None:

@@ -256,6 +256,11 @@ class KVIndex:
             return 0
         return _prefix_length(state.blocks, keys)
 
+    def synced(self, instance: str) -> bool:
+        """Whether ``instance`` is indexed and its events were applied without a gap since."""
+        state = self._instances.get(instance)
+        return state is not None and state.synced
+
     def best_matches(self, keys: Sequence[BlockKey]) -> dict[str, int]:
         """:meth:`cached_prefix_blocks` for every known instance."""
         return {

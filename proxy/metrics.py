@@ -14,7 +14,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -210,6 +210,42 @@ class ProxyMetrics:
             "Releases the proxy sent to prefill instances for KV no decode leg would read, by "
             "outcome: released, not_held (already freed, or freed when the hold arrives), failed.",
             ["outcome"],
+            registry=r,
+        )
+        # Cache-aware routing's self-check (proxy/hit_check.py), by role and instance URL:
+        # registered always, with series only while a cache-aware policy routes.
+        hit_labels = ["role", "instance"]
+        self.predicted_hit_tokens = Counter(
+            "pdserve_routing_predicted_hit_tokens",
+            "Prompt tokens the proxy predicted the routed instance's prefix cache holds, on "
+            "requests whose answer reported the engine's own figure.",
+            hit_labels,
+            registry=r,
+        )
+        self.observed_hit_tokens = Counter(
+            "pdserve_routing_observed_hit_tokens",
+            "Prompt tokens the engine reported as prefix-cache hits on those requests.",
+            hit_labels,
+            registry=r,
+        )
+        self.hit_checks = Counter(
+            "pdserve_routing_hit_checks",
+            "Requests whose predicted prefix-cache hit was compared with the engine's.",
+            hit_labels,
+            registry=r,
+        )
+        self.cache_trusted = Gauge(
+            "pdserve_routing_cache_trusted",
+            "1 while the proxy's prefix-cache predictions for the instance agree with the "
+            "engine; 0 while they do not and it is routed on load alone.",
+            hit_labels,
+            registry=r,
+        )
+        self.cache_distrusted = Counter(
+            "pdserve_routing_cache_distrusted",
+            "Times the instance's predictions stopped agreeing with the engine and "
+            "cache-aware routing fell back to load alone for it.",
+            hit_labels,
             registry=r,
         )
         self.kv_handoff_outcomes = {

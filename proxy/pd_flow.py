@@ -21,6 +21,13 @@ vLLM engine) serves the request whole, as a decode instance serves an aggregated
 client's bytes, no ``kv_transfer_params`` (``RoutePath.PREFILL_FALLBACK``). That leg is a
 decode leg in all but the instance's role: the same retries, moves and continuations, on
 the prefill pool's policy and load accounting, never twice on an instance that failed.
+
+With ``prefill_bypass`` (a cache-aware decode policy) the decode instance is chosen before
+the prefill leg, and when its prefix cache holds the prompt but a short tail it serves the
+request whole (``RoutePath.CACHE_BYPASS``); otherwise the decode leg goes to that instance
+after the prefill leg. With any cache-aware policy, the routed instance's predicted
+prefix-cache hit is compared with the one its non-streamed answer reports
+(``proxy.hit_check``).
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ import orjson
 from aiohttp import web
 
 from kv_transfer import params as kvp
-from proxy.config import RetryConfig, TimeoutConfig
+from proxy.config import PrefillBypassConfig, RetryConfig, TimeoutConfig
 from proxy.errors import ProxyError, UnreadableBody
 from proxy.health import HealthTracker
+from proxy.hit_check import HitCheck, observed_cached_tokens
 from proxy.instances import Instance, Role
 from proxy.kv_release import KVReleaser
 from proxy.metrics import ProxyMetrics
@@ -76,6 +84,9 @@ class RoutePath(enum.Enum):
     FALLBACK = "fallback"  # disaggregation wanted, but no prefill instance is routable
     # No decode instance is routable: a prefill instance serves the request whole.
     PREFILL_FALLBACK = "prefill_fallback"
+    # The decode instance chosen first caches the prompt but a short tail: it serves the
+    # request whole, without a prefill leg (prefill_bypass).
+    CACHE_BYPASS = "cache_bypass"
 
 
 class UpstreamReply(Exception):
@@ -154,13 +165,19 @@ class PDFlow:
         context_length: Callable[[str | None], int | None] | None = None,
         tokenizer: RoutingTokenizer | None = None,
         hash_settings: Callable[[], HashSettings | None] | None = None,
+        hit_check: HitCheck | None = None,
+        prefill_bypass: PrefillBypassConfig | None = None,
     ) -> None:
         """``context_length(model)``: the model's context length if known, which a chat
         stream without an output limit needs to continue after a break.
 
         ``tokenizer`` and ``hash_settings()`` (the settings the engines hash blocks with,
         None until known): given when a policy ``needs_kv_index``; then, and only then, each
-        request's block keys are computed (in the tokenizer's pool) before routing."""
+        request's block keys are computed (in the tokenizer's pool) before routing.
+
+        ``hit_check``: predicts the routed instance's prefix-cache hit and compares it with
+        the engine's answer (with a cache-aware policy). ``prefill_bypass``: the cache-aware
+        PD decision, which needs ``hit_check``."""
         self._registry = registry
         self._pool = pool
         self._prefill = prefill
@@ -174,6 +191,14 @@ class PDFlow:
         self._context_length = context_length
         self._tokenizer = tokenizer
         self._hash_settings = hash_settings
+        self._hit_check = hit_check
+        # The most uncached prompt tokens a decode instance computes itself, skipping the
+        # prefill leg; None: the decode instance is chosen after the prefill leg, as always.
+        self._bypass_max: int | None = None
+        if prefill_bypass is not None:
+            if hit_check is None:
+                raise ValueError("prefill_bypass needs a cache-aware decode policy (kv_cache)")
+            self._bypass_max = prefill_bypass.max_uncached_tokens
         self._needs_keys = (
             tokenizer is not None
             and hash_settings is not None
@@ -321,6 +346,9 @@ class PDFlow:
         came back, since ``path`` was chosen; whole on a prefill instance when every decode
         instance still routable is unreachable for this request (a lost node, before the
         health checks eject it); otherwise ``path``."""
+        if path is RoutePath.CACHE_BYPASS:
+            # Decided for the instance that failed: decided again among the others.
+            path = self._choose_path(state.leg)
         if bool(self._registry.routable(Role.DECODE)) is (path is RoutePath.PREFILL_FALLBACK):
             return self._choose_path(state.leg)
         if (
@@ -356,28 +384,41 @@ class PDFlow:
                 raise state.error or ProxyError(503, "no healthy decode instance")
             prefilled_at: float | None = None
             kv_params: dict[str, Any] | None = None
-            if path is RoutePath.DISAGGREGATED:
-                kv_params = await self._prefill_with_retry(state)
-                if kv_params is None:  # the prefill pool emptied meanwhile
-                    path = RoutePath.FALLBACK
-                else:
-                    prefilled_at = asyncio.get_running_loop().time()
-            resume = state.resume
-            # A continuation asks for token ids itself; the client's request only when the
-            # relay needs them and the client did not ask.
-            ask_ids = resume is not None and resume.strips and leg is state.req
-            body = decode_body(leg, kv_params, ask_ids)
-            if state.out is None:
-                state.path = path
+            # The decode instance chosen before the prefill leg (the cache-aware PD
+            # decision), its load counted from then on; None: chosen after it.
+            chosen: Instance | None = None
+            if path is RoutePath.DISAGGREGATED and self._bypass_max is not None:
+                chosen, path = self._decode_first(state, load)
             status = 500
             try:
+                if path is RoutePath.DISAGGREGATED:
+                    kv_params = await self._prefill_with_retry(state)
+                    if kv_params is None:  # the prefill pool emptied meanwhile
+                        path = RoutePath.FALLBACK
+                    else:
+                        prefilled_at = asyncio.get_running_loop().time()
+                resume = state.resume
+                # A continuation asks for token ids itself; the client's request only when
+                # the relay needs them and the client did not ask.
+                ask_ids = resume is not None and resume.strips and leg is state.req
+                body = decode_body(leg, kv_params, ask_ids)
+                if state.out is None:
+                    state.path = path
                 candidates = self._candidates(state, role)
                 if not candidates:
                     raise state.error or ProxyError(503, "no healthy decode instance")
-                routed = self._prefill if whole_on_prefill else self._decode
-                instance = self._select(routed, candidates, state.routing)
-                instance.in_flight_requests += 1
-                instance.in_flight_tokens += load
+                if chosen is not None and any(c is chosen for c in candidates):
+                    instance = chosen  # its load is counted already
+                else:
+                    routed = self._prefill if whole_on_prefill else self._decode
+                    instance = self._select(routed, candidates, state.routing)
+                    instance.in_flight_requests += 1
+                    instance.in_flight_tokens += load
+                if chosen is not None and chosen is not instance:
+                    # Ejected, drained or removed while the prefill leg ran.
+                    chosen.in_flight_requests -= 1
+                    chosen.in_flight_tokens -= load
+                chosen = None
                 try:
                     # A prefill instance's queue holds the prompt until its first byte.
                     queued = leg.prompt_tokens if whole_on_prefill else 0
@@ -410,6 +451,9 @@ class PDFlow:
                     instance.in_flight_requests -= 1
                     instance.in_flight_tokens -= load
             finally:
+                if chosen is not None:  # the attempt failed before its decode leg
+                    chosen.in_flight_requests -= 1
+                    chosen.in_flight_tokens -= load
                 if kv_params is not None and status != 200 and self._kv_releaser is not None:
                     # The decode leg did not complete: its blocks may never be read. Released
                     # now, not when the request ends: a retry leaves them behind for good.
@@ -419,6 +463,27 @@ class PDFlow:
                 await asyncio.sleep(backoff)
             # The decode pool may have emptied, or come back, during the attempt or the wait.
             path = self._reroute(state, path)
+
+    def _decode_first(self, state: _RequestState, load: int) -> tuple[Instance, RoutePath]:
+        """The cache-aware PD decision: the decode instance, chosen before any prefill leg
+        by the decode pool's (cache-aware) policy and counted as loaded with the request
+        from now on, and the request's path: ``CACHE_BYPASS`` when that instance's prefix
+        cache holds some of the prompt and at most ``prefill_bypass.max_uncached_tokens``
+        of it are not (the instance serves the request whole), else ``DISAGGREGATED``.
+        A short prompt with nothing cached is not a bypass: ``disagg_min_prompt_tokens``
+        decides about those. Decided only on an instance whose predictions are trusted."""
+        assert self._hit_check is not None and self._bypass_max is not None
+        instance = self._select(self._decode, self._candidates(state, Role.DECODE), state.routing)
+        instance.in_flight_requests += 1
+        instance.in_flight_tokens += load
+        routing = state.routing
+        if self._hit_check.trusted(instance.url):
+            cached = self._hit_check.predict(
+                instance.url, routing.block_keys, routing.prompt_tokens
+            )
+            if cached and routing.prompt_tokens - cached <= self._bypass_max:
+                return instance, RoutePath.CACHE_BYPASS
+        return instance, RoutePath.DISAGGREGATED
 
     def _candidates(self, state: _RequestState, role: Role) -> list[Instance]:
         """Routable instances of ``role`` for the request's serving leg, but none it failed on."""
@@ -555,6 +620,20 @@ class PDFlow:
         counter.inc()
         return instance
 
+    def _predicted_hit(self, instance: Instance, routing: RoutingRequest) -> int | None:
+        """The prompt tokens ``instance``'s prefix cache is predicted to hold (for the hit
+        check), or None when the proxy checks nothing or has nothing to predict from."""
+        if self._hit_check is None or not routing.block_keys:
+            return None
+        return self._hit_check.predict(instance.url, routing.block_keys, routing.prompt_tokens)
+
+    def _check_hit(self, instance: Instance, predicted: int, answer: bytes) -> None:
+        """Compare the prediction with the hit the engine reports in its answer, if any."""
+        observed = observed_cached_tokens(answer)
+        if observed is not None:
+            assert self._hit_check is not None
+            self._hit_check.record(instance, predicted, observed)
+
     def _deadline_passed(self, state: _RequestState, leg: str) -> ProxyError:
         return ProxyError(
             504,
@@ -611,6 +690,7 @@ class PDFlow:
         if budget <= 0:
             return self._deadline_passed(state, "prefill")
         tokens = routing.prompt_tokens
+        predicted = self._predicted_hit(instance, routing)
         instance.in_flight_requests += 1
         instance.in_flight_tokens += tokens
         instance.queued_prompt_tokens += tokens
@@ -662,6 +742,8 @@ class PDFlow:
             return ProxyError(502, f"prefill instance {url} returned no kv_transfer_params")
         self._metrics.stage_prefill.observe(elapsed)
         self._prefill.policy.observe(instance, routing, elapsed)
+        if predicted is not None:
+            self._check_hit(instance, predicted, data)
         return params
 
     # -- decode leg ---------------------------------------------------------------------
@@ -702,6 +784,11 @@ class PDFlow:
             metrics.stage_handoff.observe(sent - prefilled_at)
         upstream: UpstreamResponse | None = None
         streaming = False  # this leg's first chunk came: a silence from now on is a stall
+        # The prefix-cache hit predicted for a request this instance computes whole (not a
+        # continuation, whose block keys cover only the original prompt).
+        predicted = None
+        if prefilled_at is None and leg is state.req and not leg.stream:
+            predicted = self._predicted_hit(instance, routing)
         instance.queued_prompt_tokens += queued
         try:
             async with asyncio.timeout(budget) as deadline:
@@ -720,6 +807,8 @@ class PDFlow:
                     if upstream.status == 200:
                         if policy is not None:
                             policy.observe(instance, routing, loop.time() - sent)
+                        if predicted is not None:
+                            self._check_hit(instance, predicted, data)
                         if prefilled_at is not None:
                             metrics.kv_handoff_outcomes[handoff_outcome(data)].inc()
                     elif upstream.status in _RETRYABLE_DECODE_STATUSES:

@@ -23,6 +23,7 @@ from proxy.catalog import ModelCatalog
 from proxy.config import InstanceEntry, ProxyConfig
 from proxy.hash_settings import HashSettingsProbe
 from proxy.health import HealthChecker, HealthTracker
+from proxy.hit_check import HitCheck
 from proxy.instances import Instance, KvEventsEndpoint, Role
 from proxy.kv_events import KV_INDEX_KEY, KVEventSubscriber
 from proxy.kv_index import KVIndex
@@ -127,6 +128,9 @@ class ProxyServer:
         # from their /metrics, and the model's tokenizer. None, and no work, otherwise.
         self.hash_settings: HashSettingsProbe | None = None
         self.routing_tokenizer: RoutingTokenizer | None = None
+        # Predicted against observed prefix-cache hits, and the instances routed on load alone
+        # while they disagree; with cache-aware routing only.
+        self.hit_check: HitCheck | None = None
         self._bind_kv_policies()
         self._runners: list[web.AppRunner] = []
         self.port: int | None = None
@@ -135,6 +139,12 @@ class ProxyServer:
     def _bind_kv_policies(self) -> None:
         config = self.config
         routed = [r for r in (self._prefill, self._decode) if r.policy.needs_kv_index]
+        if config.prefill_bypass is not None and not self._decode.policy.needs_kv_index:
+            raise ValueError(
+                f"prefill_bypass skips the prefill leg when the chosen decode instance caches "
+                f"the prompt: it needs a cache-aware decode_policy (kv_cache), not "
+                f"{self._decode.name}"
+            )
         if not routed:
             return
         names = ", ".join(sorted({r.name for r in routed}))
@@ -151,8 +161,14 @@ class ProxyServer:
             interval_s=config.health.interval_s,
             timeout_s=max(config.health.timeout_s, 5.0),
         )
+        self.hit_check = HitCheck(
+            self.kv_index,
+            self.hash_settings.settings_for,
+            config.cache_check,
+            self.metrics,
+        )
         for item in routed:
-            item.policy.bind_kv_index(self.kv_index, self.hash_settings.settings_for)
+            item.policy.bind_kv_index(self.kv_index, self.hit_check.settings_for)
         if tokenizer_config is None:
             log.warning(
                 "routing policy %s without routing_tokenizer: only token-id prompts get block "
@@ -244,6 +260,8 @@ class ProxyServer:
         routed = self._prefill if instance.role is Role.PREFILL else self._decode
         routed.policy.forget(instance)
         self.metrics.forget_instance(instance.role, instance.url)
+        if self.hit_check is not None:
+            self.hit_check.forget(instance)
 
     # -- wiring -------------------------------------------------------------------------
 
@@ -263,6 +281,8 @@ class ProxyServer:
             context_length=self._catalog.context_length,
             tokenizer=self.routing_tokenizer,
             hash_settings=self._hash_reference if self.hash_settings is not None else None,
+            hit_check=self.hit_check,
+            prefill_bypass=config.prefill_bypass,
         )
         public = PublicAPI(
             flow=flow,

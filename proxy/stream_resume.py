@@ -359,6 +359,11 @@ class ResumableStream:
         usage["prompt_tokens"] = prompt
         usage["total_tokens"] = prompt + completion
         usage["completion_tokens"] = completion
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            # The continuation's prompt holds the output so far: of the client's prompt, at
+            # most all of it was cached.
+            details["cached_tokens"] = min(details["cached_tokens"], prompt)
         if self._chat and per_chunk:
             usage.setdefault("completion_tokens_details", None)  # vLLM's chat sets it
         return usage

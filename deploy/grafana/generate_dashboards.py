@@ -454,6 +454,58 @@ def pool(role: str) -> Dashboard:
             description="Requests the proxy's policy sent to each instance.",
         ),
         Panel(
+            "Prefix-cache hit tokens / s: predicted vs engine",
+            [
+                Target(
+                    "sum by (exported_instance) "
+                    f"(rate(pdserve_routing_predicted_hit_tokens_total{{{at_proxy}}}[{RATE}]))"
+                    " or vector(0)",
+                    "predicted {{exported_instance}}",
+                ),
+                Target(
+                    "sum by (exported_instance) "
+                    f"(rate(pdserve_routing_observed_hit_tokens_total{{{at_proxy}}}[{RATE}]))"
+                    " or vector(0)",
+                    "engine {{exported_instance}}",
+                ),
+                Target(
+                    f"count(pdserve_routing_cache_trusted{{{at_proxy}}} == 0) or vector(0)",
+                    "instances distrusted",
+                    right=True,
+                ),
+            ],
+            "short",
+            description=(
+                "Cache-aware routing (kv_cache): the prompt tokens the proxy predicted the "
+                "instances cache and what the engines reported, on the requests it could compare "
+                "(non-streamed answers with usage.prompt_tokens_details), and how many instances "
+                "it routes on load alone because the two disagree (alert "
+                "PdserveCacheRoutingMispredicts). All 0 without cache-aware routing."
+            ),
+        ),
+        Panel(
+            "Prefix-cache predictions checked / s",
+            [
+                Target(
+                    "sum by (exported_instance) "
+                    f"(rate(pdserve_routing_hit_checks_total{{{at_proxy}}}[{RATE}])) or vector(0)",
+                    "checked {{exported_instance}}",
+                ),
+                Target(
+                    "sum by (exported_instance) "
+                    f"(increase(pdserve_routing_cache_distrusted_total{{{at_proxy}}}[{RATE}]))"
+                    " or vector(0)",
+                    "distrusted {{exported_instance}}",
+                    right=True,
+                ),
+            ],
+            "ops",
+            description=(
+                "Requests whose predicted hit was compared with the engine's, and each time an "
+                "instance's predictions stopped agreeing."
+            ),
+        ),
+        Panel(
             "In-flight at the proxy",
             [
                 Target(

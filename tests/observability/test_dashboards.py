@@ -49,6 +49,11 @@ CONTRACT_METRICS = {
     "pdserve_kv_leases_expired",
     "pdserve_kv_recomputed_requests",
     "pdserve_kv_recomputed_tokens",
+    "pdserve_routing_predicted_hit_tokens",
+    "pdserve_routing_observed_hit_tokens",
+    "pdserve_routing_hit_checks",
+    "pdserve_routing_cache_trusted",
+    "pdserve_routing_cache_distrusted",
 }
 RECORDING_RULES = {"pdserve:slo_ttft_p99_seconds"}
 

@@ -376,6 +376,28 @@ def test_completions_continuation_chunks_join_the_original_stream(asked: bool) -
     assert stream.after_break(None) == Ending(b"")
 
 
+@pytest.mark.parametrize(("cached", "expected"), [(5, 3), (2, 2)])
+def test_a_continuations_prefix_cache_hit_is_capped_at_the_clients_prompt(
+    cached: int, expected: int
+) -> None:
+    """vLLM with --enable-prompt-tokens-details reports the continuation's hit, whose prompt
+    holds the output so far: the client's answer says at most its own prompt was cached."""
+    first = completion_stream(PROMPT, [[100], [101]], usage=False).split(b"data: [DONE]")[0]
+    stream = ResumableStream(
+        request(Endpoint.COMPLETIONS, max_tokens=4, stream_options={"include_usage": True})
+    )
+    stream.feed(first.replace(b'"length"', b"null"))
+    assert isinstance(stream.after_break(None), Continuation)
+    final = (
+        b'data: {"id":"cmpl-2","object":"text_completion","created":99,"model":"m2",'
+        b'"choices":[],"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2,'
+        b'"prompt_tokens_details":{"cached_tokens":%d}}}\n\n' % cached
+    )
+    chunk = stream.feed(final)
+    assert b'"prompt_tokens":3,' in chunk
+    assert b'"prompt_tokens_details":{"cached_tokens":%d}' % expected in chunk, chunk
+
+
 def test_chat_stream_continues_as_chat_chunks() -> None:
     first = chat_role_event(PROMPT) + chat_event(" a", [100])
     stream = ResumableStream(
