@@ -65,8 +65,8 @@ def test_prefers_the_instance_caching_the_prefix() -> None:
         instance.in_flight_requests, instance.in_flight_tokens = 1, 100
     instances[2].in_flight_tokens = 300
     policy = bound_policy(index)
-    assert policy.select(instances, request()) is instances[2]
     assert policy.saved_tokens(instances[2], request()) == 40 * 16
+    assert policy.select(instances, request()) is instances[2]
 
 
 def test_saved_tokens_leave_the_last_prompt_token_to_compute() -> None:
@@ -115,7 +115,8 @@ def test_a_hot_prefix_is_bounded_but_mostly_lands_on_cachers() -> None:
     cachers = {instances[0].url, instances[1].url}
     for url in cachers:
         index.blocks[url] = set(KEYS)
-    policy = bound_policy(index, hit_weight=1.0, load_weight=0.01, epsilon=0.25)
+    # The index alone: routed prefixes (pending_s) would make every instance a cacher.
+    policy = bound_policy(index, hit_weight=1.0, load_weight=0.01, epsilon=0.25, pending_s=0)
     on_cachers = 0
     for _ in range(100):
         capacity = policy.capacity(instances)
@@ -129,6 +130,52 @@ def test_a_hot_prefix_is_bounded_but_mostly_lands_on_cachers() -> None:
     assert on_cachers > 50, on_cachers
     # Without the bound every request would have gone to the cachers.
     assert on_cachers < 100
+
+
+def test_requests_sharing_a_new_prefix_follow_the_first_until_the_index_knows() -> None:
+    """Nothing is indexed yet: the first request goes by load, the next ones sharing its
+    prefix go where it went (its blocks are being computed there), within the load bound;
+    after pending_s the routed prefix no longer counts."""
+    instances = pool(2)
+    policy = bound_policy(FakeIndex(), pending_s=5.0, load_weight=0.1)
+    now = [100.0]
+    policy.clock = lambda: now[0]
+    first = policy.select(instances, request())
+    first.in_flight_requests, first.in_flight_tokens = 1, 1016
+    # A prompt sharing 20 blocks: the first instance is expected to hold them.
+    other = request([*KEYS[:20], 9001, 9002])
+    assert policy.saved_tokens(first, other) == 20 * 16
+    assert policy.select(instances, other) is first
+    unrelated = request([7, 8, 9])
+    assert policy.select(instances, unrelated) is not first  # load decides
+    now[0] += 5.1
+    assert policy.saved_tokens(first, other) == 0
+    assert policy.select(instances, other) is not first
+    policy.forget(first)
+    now[0] -= 5.1
+    assert policy.saved_tokens(first, other) == 0
+
+
+def test_routed_prefixes_are_bounded_per_instance() -> None:
+    instances = pool(1)
+    policy = bound_policy(FakeIndex(), pending_blocks=8)
+    policy.select(instances, request(list(range(100, 120))))
+    assert policy.saved_tokens(instances[0], request(list(range(100, 120)))) == 0  # 100 dropped
+    assert policy.saved_tokens(instances[0], request(list(range(112, 120)))) == 8 * 16
+
+
+def test_a_hot_new_prefix_stays_bounded_with_routed_prefixes() -> None:
+    """100 requests of one prefix nobody caches yet, none finishing: they gather where the
+    first went until the bound sends the rest elsewhere (where the prefix is then computed)."""
+    instances = pool(4)
+    policy = bound_policy(FakeIndex(), hit_weight=1.0, load_weight=0.01, epsilon=0.25)
+    for _ in range(100):
+        capacity = policy.capacity(instances)
+        chosen = policy.select(instances, request())
+        assert chosen.in_flight_requests + 1 <= capacity
+        chosen.in_flight_requests += 1
+        chosen.in_flight_tokens += 1016
+    assert max(i.in_flight_requests for i in instances) <= -(-125 // 4)
 
 
 def test_loads_by_bare_name_with_options() -> None:
