@@ -39,7 +39,7 @@ from engine_support import (
 )
 
 from deploy.tiny_model import make_tiny_model
-from deploy.worker_launch import free_port
+from deploy.worker_launch import PortPicker, free_port
 
 _ENGINE_TIMINGS = pytest.StashKey[dict[str, float]]()
 
@@ -89,8 +89,9 @@ ENGINE_ROLES: dict[str, tuple[str, list[str]]] = {
 # Environment added to an engine's. ``decode_queued`` serves vLLM's development endpoints: its
 # ``/pause?mode=keep`` lets a test hold requests in the scheduler's queue as long as it wants.
 ENGINE_ENV: dict[str, dict[str, str]] = {"decode_queued": {"VLLM_SERVER_DEV_MODE": "1"}}
-# Engines that publish their KV events (tests/integration/test_kv_events_real.py reads them).
-KV_EVENTS_ENGINES = frozenset({"decode_queued"})
+# Engines that publish their KV events (tests/integration/test_kv_events_real.py and
+# test_cache_routing_real.py read them).
+KV_EVENTS_ENGINES = frozenset({"prefill", "decode", "decode_queued"})
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -183,7 +184,7 @@ class EnginePool:
         self._needed = needed
         self._launched: dict[str, RunningServer] = {}
         self._relaunches = 0
-        self._given_ports: set[int] = set()
+        self._ports = PortPicker()
 
     def ready(self, role: str) -> RunningServer:
         """The ``role`` engine, launched (with its siblings) if need be, once it answers."""
@@ -237,12 +238,8 @@ class EnginePool:
         )
 
     def _pick_port(self) -> int:
-        """A free port no engine of this session was given: the engines bind theirs a minute
-        later, and the kernel may hand a closed, never-connected port out again at once."""
-        while (port := free_port()) in self._given_ports:
-            pass
-        self._given_ports.add(port)
-        return port
+        """A port no engine of this session was given (see PortPicker)."""
+        return self._ports.pick()
 
     def _secret_file(self) -> Path:
         """The engines' shared KV secret, in a 0600 file (never on a command line)."""

@@ -6,7 +6,9 @@ tests/engine_support.py, shared with the connector's real-engine tests.
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,3 +197,14 @@ def assert_same_generation(pd: Generation, reference: Generation) -> None:
     )
     assert pd.text == reference.text
     assert pd.finish_reason == reference.finish_reason
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout_s: float) -> None:
+    """Poll ``predicate`` on the event loop until it holds; AssertionError naming ``what``
+    after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+        await asyncio.sleep(0.05)

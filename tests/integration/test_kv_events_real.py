@@ -15,7 +15,7 @@ import json
 import random
 import re
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -28,6 +28,7 @@ from proxy.kv_events import KVEventSubscriber
 from proxy.kv_index import KVIndex
 from proxy.registry import InstanceRegistry
 from tests.engine_support import MODEL_NAME, RunningServer
+from tests.integration.pd_support import until
 
 pytestmark = pytest.mark.slow
 
@@ -76,14 +77,8 @@ def _unique_prompt(settings: HashSettings, seed: int) -> list[int]:
     return [rng.randrange(100, 500) for _ in range(settings.block_size * PROMPT_BLOCKS + 7)]
 
 
-async def _until(predicate: object, what: str) -> None:
-    assert callable(predicate)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: not within {WAIT_S:.0f} s")
-        await asyncio.sleep(0.05)
+async def _until(predicate: Callable[[], bool], what: str) -> None:
+    await until(predicate, what, WAIT_S)
 
 
 @pytest.fixture
