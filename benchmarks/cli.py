@@ -32,6 +32,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "goodput under SLOs: 1P1D vs 2 aggregated engines on the same cores (vllm bench serve)",
     ),
     "faults": ("benchmarks.faults", "one fault at a time under load on a 2P2D `pdserve up`"),
+    "routing": (
+        "benchmarks.routing",
+        "cache-aware routing (kv_cache, prefix_affinity, least_load) on shared prefixes, 2P2D "
+        "and aggregated",
+    ),
 }
 
 

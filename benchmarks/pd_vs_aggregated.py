@@ -58,10 +58,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks import goodput as gp
 from benchmarks.vllm_bench import ServeRun, VllmBenchError, run_serve
@@ -77,6 +77,7 @@ from benchmarks.workload import (
     write_vllm_custom_jsonl,
 )
 from deploy.worker_launch import (
+    PortPicker,
     WorkerConfigError,
     WorkerSpec,
     free_port,
@@ -87,6 +88,8 @@ from deploy.worker_launch import (
     stop_worker,
     wait_until_ready,
 )
+
+T = TypeVar("T")
 
 DEFAULT_OUT = Path("benchmarks/results/pd_vs_aggregated.json")
 SETUP_NAMES = ("pd", "aggregated", "aggregated-wide")
@@ -123,6 +126,7 @@ class Started:
     started_at: float = field(default_factory=time.monotonic)
     ready_s: float | None = None
     stopper: Callable[[subprocess.Popen[bytes]], object] | None = None
+    spec: WorkerSpec | None = None  # an engine's, for what the proxy must know of it
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -150,6 +154,8 @@ class ProcessSet:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.running: list[Started] = []
+        # Every engine port of the run: bound late, so never handed out twice.
+        self.ports = PortPicker()
         # Process groups still alive after their stop: reported, never expected.
         self.leftovers: list[str] = []
 
@@ -227,17 +233,20 @@ def start_engine(
     name: str | None = None,
     *,
     prefix_caching: bool = False,
+    kv_events: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Started:
-    """One engine, logging to ``<log_dir>/<name>.log`` (``name`` defaults to ``role``)."""
+    """One engine, logging to ``<log_dir>/<name>.log`` (``name`` defaults to ``role``);
+    ``kv_events`` publishes vLLM's KV cache events (``advertised_kv_events(started.spec)``)."""
     name = name or role
     spec = WorkerSpec(
         role=role,  # type: ignore[arg-type]  # one of the three roles, checked by validate
         model=settings.model,
-        api_port=free_port(),
-        kv_port=free_port() if role == "prefill" else None,
-        # Nothing here routes on KV events; their ports would be two more picked now and bound
-        # a minute later, which another pick could take meanwhile.
-        kv_events=False,
+        api_port=processes.ports.pick(),
+        kv_port=processes.ports.pick() if role == "prefill" else None,
+        kv_events=kv_events,
+        kv_events_port=processes.ports.pick() if kv_events else None,
+        kv_events_replay_port=processes.ports.pick() if kv_events else None,
         cpu_core=core,
         kv_cache_gib=settings.kv_cache_gib,
         secret=settings.secret,
@@ -248,6 +257,7 @@ def start_engine(
         enable_prefix_caching=prefix_caching,
         # Equal hardware means each engine on its own cores, all of its processes included.
         pin_process_tree=True,
+        env=dict(env or {}),
     )
     log_path = processes.log_dir / f"{name}.log"
     try:
@@ -255,7 +265,14 @@ def start_engine(
     except WorkerConfigError as exc:
         raise BenchError(f"{name} engine: {exc}") from None
     return processes.add(
-        Started(name, spec.url, process, log_path, stopper=lambda p: stop_worker(p, grace_s=20.0))
+        Started(
+            name,
+            spec.url,
+            process,
+            log_path,
+            stopper=lambda p: stop_worker(p, grace_s=20.0),
+            spec=spec,
+        )
     )
 
 
@@ -278,18 +295,21 @@ def start_proxy(
     prefill: Sequence[Started],
     decode: Sequence[Started],
     name: str = "proxy",
+    config_text: str = _PROXY_CONFIG,
 ) -> Started:
     """The pdserve proxy in front of ``decode`` (and ``prefill``: without it every request
     takes the aggregated path, straight to a decode-pool engine, picked by ``least_load``),
-    logging to ``<log_dir>/<name>.log``."""
+    logging to ``<log_dir>/<name>.log``. ``config_text`` is its YAML config, which may name
+    the instances itself (with their KV-events endpoints) instead of ``prefill``/``decode``."""
     port = free_port()
-    config = processes.log_dir / "proxy.yaml"
-    config.write_text(_PROXY_CONFIG)
+    config = processes.log_dir / f"{name}.yaml"
+    config.write_text(config_text)
     argv = [sys.executable, "-m", "deploy.cli", "proxy", "--config", str(config)]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     if prefill:
         argv += ["--prefill", *(engine.url for engine in prefill)]
-    argv += ["--decode", *(engine.url for engine in decode)]
+    if decode:
+        argv += ["--decode", *(engine.url for engine in decode)]
     log_path = processes.log_dir / f"{name}.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -682,7 +702,7 @@ def wait_all_healthy(proxy: Started, engines: int, timeout_s: float) -> None:
     )
 
 
-def turns(running: Sequence[RunningSetup], index: int) -> list[RunningSetup]:
+def turns(running: Sequence[T], index: int) -> list[T]:
     """The setups' order at the ``index``-th rate: rotated by one each rate, so no setup is
     always measured first (just after a pause of its own) or last."""
     if not running:
@@ -1197,28 +1217,41 @@ def check_args(args: argparse.Namespace) -> None:
         raise CliError("--max-model-len must hold the longest prompt plus the longest output")
     if args.workload_jsonl is not None and not args.workload_jsonl.is_file():
         raise CliError(f"--workload-jsonl: {args.workload_jsonl} is not a file")
+    check_cores_and_linux(args.cores)
+
+
+def check_cores_and_linux(wanted: Sequence[int]) -> None:
+    """CliError unless every core of ``wanted`` is this process's and /proc exists."""
+    from deploy.cli import CliError
+
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-    missing = [core for core in args.cores if cores and core not in cores]
+    missing = [core for core in wanted if cores and core not in cores]
     if missing:
         raise CliError(f"--cores: core(s) {missing} are not available to this process")
     if not Path("/proc").is_dir():
-        raise CliError("this benchmark manages process groups and needs Linux")
+        raise CliError("this benchmark manages process groups and reads /proc: it needs Linux")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_in_workdir(
+    args: argparse.Namespace,
+    name: str,
+    benchmark: Callable[[argparse.Namespace, Path], dict[str, Any]],
+    errors: tuple[type[Exception], ...],
+) -> dict[str, Any]:
+    """``benchmark(args, workdir)`` in a fresh work directory (under ``--log-dir`` and kept
+    when given; else removed unless the run failed), its report written to ``--out`` with
+    its plot; an error of ``errors`` becomes a one-line CliError naming the logs."""
     from deploy.cli import CliError
 
-    apply_quick(args)
-    check_args(args)
     keep_logs = args.log_dir is not None
     if keep_logs:
         args.log_dir.mkdir(parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix="pd-vs-aggregated-", dir=args.log_dir))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.log_dir))
     else:
-        workdir = Path(tempfile.mkdtemp(prefix="pdserve-bench-pd-"))
+        workdir = Path(tempfile.mkdtemp(prefix=f"pdserve-bench-{name}-"))
     try:
-        report = run_benchmark(args, workdir)
-    except (BenchError, WorkloadError) as exc:
+        report = benchmark(args, workdir)
+    except errors as exc:
         keep_logs = True
         raise CliError(f"{exc} (logs kept in {workdir})") from None
     except BaseException:
@@ -1230,6 +1263,13 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_quick(args)
+    check_args(args)
+    report = run_in_workdir(args, "pd", run_benchmark, (BenchError, WorkloadError))
     png = args.out.with_suffix(".png")
     drew = plot(report, png)
     print(format_table(report))

@@ -38,7 +38,8 @@ class ServeRun:
     base_url: str
     served_model_name: str
     tokenizer: Path  # the model directory: vLLM counts prompt tokens with its tokenizer
-    dataset_jsonl: Path  # vLLM ``custom`` dataset: prompt text and output_tokens per line
+    # vLLM ``custom`` dataset: prompt text and output_tokens per line; None: ``dataset_argv``.
+    dataset_jsonl: Path | None
     num_prompts: int
     request_rate: float  # requests per second, Poisson arrivals (burstiness 1); inf: all at once
     seed: int
@@ -48,6 +49,9 @@ class ServeRun:
     tpot_slo_ms: float
     burstiness: float = 1.0
     label: str | None = None
+    # Another of vLLM's datasets, by its own options (``--dataset-name prefix_repetition
+    # --prefix-repetition-...``), when ``dataset_jsonl`` is None.
+    dataset_argv: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
         """The arguments of ``vllm bench serve`` for this run."""
@@ -58,14 +62,22 @@ class ServeRun:
             "--endpoint", "/v1/completions",
             "--model", str(self.tokenizer),
             "--served-model-name", self.served_model_name,
-            "--dataset-name", "custom",
-            "--dataset-path", str(self.dataset_jsonl),
-            # The prompts are raw text of exact lengths; a chat template would change them.
-            "--skip-chat-template",
-            # In file order, so the result's per-request lists line up with the workload's.
-            "--disable-shuffle",
-            # Each line's output_tokens, held exactly: random weights would stop anywhere.
-            "--custom-output-len", "-1",
+        ]  # fmt: skip
+        if self.dataset_jsonl is None:
+            argv += self.dataset_argv
+        else:
+            argv += [
+                "--dataset-name", "custom",
+                "--dataset-path", str(self.dataset_jsonl),
+                # The prompts are raw text of exact lengths; a chat template would change them.
+                "--skip-chat-template",
+                # In file order, so the result's per-request lists line up with the workload's.
+                "--disable-shuffle",
+                # Each line's output_tokens, held exactly: random weights would stop anywhere.
+                "--custom-output-len", "-1",
+            ]  # fmt: skip
+        argv += [
+            # Output lengths held exactly: random weights would stop anywhere.
             "--ignore-eos",
             "--temperature", "0",
             "--num-prompts", str(self.num_prompts),
