@@ -139,7 +139,8 @@ class RoutingTokenizerConfig(_Strict):
     block hashes, hence its token ids exactly as the engine computes them. Loaded with
     ``transformers.AutoTokenizer`` from a local HF model directory, never from the network;
     prompts are tokenized in a pool of ``workers`` threads, off the event loop, and only
-    while such a policy is configured. The legs still send the client's request as is."""
+    while such a policy is configured. The legs send the client's request as is unless
+    ``send_token_ids`` says otherwise."""
 
     # The HF model directory the engines serve (tokenizer.json, tokenizer_config.json and
     # its chat template): the same files, or the ids will not match the engines'.
@@ -148,6 +149,11 @@ class RoutingTokenizerConfig(_Strict):
     # The engines' PYTHONHASHSEED, which seeds vLLM's block hashes. null: unset, as pdserve's
     # worker launch leaves it (vLLM then seeds sha256 hashes with "vllm-none-hash").
     engine_pythonhashseed: str | None = None
+    # Completions with one text prompt: both legs carry the proxy's token ids, so the engines
+    # do not tokenize it again. Off by default: the proxy's tokenizer then decides what the
+    # model reads, so model_dir must be the engines' own. Never for chat (vLLM's chat API
+    # takes no token ids) nor for echo (the engine would echo the ids' text).
+    send_token_ids: bool = False
 
 
 class InstanceEntry(_Strict):

@@ -51,7 +51,7 @@ from proxy.instances import Instance, Role
 from proxy.kv_release import KVReleaser
 from proxy.metrics import ProxyMetrics
 from proxy.registry import InstanceRegistry
-from proxy.request import ClientRequest, Endpoint, dumps_body
+from proxy.request import ClientRequest, Endpoint, dumps_body, with_prompt_ids
 from proxy.routing.base import RoutingPolicy, RoutingRequest
 from proxy.stream_resume import ASK_TOKEN_IDS, Ending, ResumableStream, resume_blocker
 from proxy.upstream import (
@@ -167,6 +167,7 @@ class PDFlow:
         hash_settings: Callable[[], HashSettings | None] | None = None,
         hit_check: HitCheck | None = None,
         prefill_bypass: PrefillBypassConfig | None = None,
+        send_token_ids: bool = False,
     ) -> None:
         """``context_length(model)``: the model's context length if known, which a chat
         stream without an output limit needs to continue after a break.
@@ -177,7 +178,8 @@ class PDFlow:
 
         ``hit_check``: predicts the routed instance's prefix-cache hit and compares it with
         the engine's answer (with a cache-aware policy). ``prefill_bypass``: the cache-aware
-        PD decision, which needs ``hit_check``."""
+        PD decision, which needs ``hit_check``. ``send_token_ids``: a completions prompt the
+        proxy tokenized travels to the engines as those ids (routing_tokenizer.send_token_ids)."""
         self._registry = registry
         self._pool = pool
         self._prefill = prefill
@@ -192,6 +194,7 @@ class PDFlow:
         self._tokenizer = tokenizer
         self._hash_settings = hash_settings
         self._hit_check = hit_check
+        self._send_token_ids = send_token_ids
         # The most uncached prompt tokens a decode instance computes itself, skipping the
         # prefill leg; None: the decode instance is chosen after the prefill leg, as always.
         self._bypass_max: int | None = None
@@ -243,13 +246,13 @@ class PDFlow:
             path,
             req,
         )
-        if req.stream:
-            self._prepare_resume(state)
         status = 500
         try:
             try:
                 if self._needs_keys:
                     await self._attach_block_keys(state)
+                if req.stream:
+                    self._prepare_resume(state)
                 response, status = await self._serve(state, path)
             except (ProxyError, UpstreamReply) as failure:
                 if state.out is None:
@@ -297,9 +300,20 @@ class PDFlow:
         if settings is None:
             return
         keys = await self._tokenizer.prompt_keys(state.req, settings)
-        if keys is not None:
-            state.routing.block_keys = keys.block_keys
-            state.routing.prompt_tokens = keys.prompt_tokens
+        if keys is None:
+            return
+        state.routing.block_keys = keys.block_keys
+        state.routing.prompt_tokens = keys.prompt_tokens
+        req = state.req
+        if (
+            self._send_token_ids
+            and keys.token_ids is not None
+            and isinstance(req.body.get("prompt"), str)
+            and not req.body.get("echo")
+        ):
+            # The engines read the ids the proxy hashed: they do not tokenize again.
+            state.req = state.leg = with_prompt_ids(req, keys.token_ids)
+            state.routing.prompt = keys.token_ids
 
     def _prepare_resume(self, state: _RequestState) -> None:
         """Whether a break mid-stream may continue elsewhere; if so the stream's decode legs

@@ -4,7 +4,7 @@ routing and the PD flow need; every other field passes through untouched."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -88,6 +88,16 @@ def parse_client_request(endpoint: Endpoint, raw: bytes) -> ClientRequest:
         prompt_tokens=estimate_tokens(prompt),
         max_tokens=max_tokens or default_max,
         single_sequence=(n is None or n == 1) and not batch and not body.get("use_beam_search"),
+    )
+
+
+def with_prompt_ids(req: ClientRequest, token_ids: list[int]) -> ClientRequest:
+    """``req`` with its completions prompt replaced by ``token_ids`` (what the engine would
+    have computed from the text), its other fields as the client sent them."""
+    body = dict(req.body)
+    body["prompt"] = token_ids
+    return replace(
+        req, raw=dumps_body(body), body=body, prompt=token_ids, prompt_tokens=len(token_ids)
     )
 
 

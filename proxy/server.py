@@ -283,6 +283,9 @@ class ProxyServer:
             hash_settings=self._hash_reference if self.hash_settings is not None else None,
             hit_check=self.hit_check,
             prefill_bypass=config.prefill_bypass,
+            send_token_ids=bool(
+                config.routing_tokenizer is not None and config.routing_tokenizer.send_token_ids
+            ),
         )
         public = PublicAPI(
             flow=flow,

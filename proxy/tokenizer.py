@@ -3,8 +3,9 @@ from them its prefix-cache block keys) exactly as a vLLM 0.32 engine computes th
 
 Only built when the config names ``routing_tokenizer`` and only used for requests routed
 by a policy that sets ``needs_kv_index`` (``kv_cache``): the default request path never
-tokenizes. The legs still send the client's request as is (text or messages); carrying the
-ids to the engines, so they skip their own tokenization, is a later step.
+tokenizes. The legs send the client's request as is (text or messages), unless
+``send_token_ids`` is on: then a completions text prompt travels to the engines as the ids
+computed here (``PromptKeys.token_ids``), and they skip their own tokenization.
 
 How vLLM 0.32 tokenizes, mirrored here (``vllm/renderers/base.py`` ``_tokenize_prompt``,
 ``vllm/renderers/hf.py`` ``safe_apply_chat_template``, the request models in
@@ -77,6 +78,9 @@ class PromptKeys:
 
     prompt_tokens: int
     block_keys: list[int]
+    # The ids of a completions prompt the proxy tokenized itself (None for a token-id prompt
+    # and for chat), which the legs may carry instead of its text.
+    token_ids: list[int] | None = None
 
 
 class RoutingTokenizer:
@@ -175,7 +179,10 @@ class RoutingTokenizer:
         salt = req.body.get("cache_salt")
         if salt is not None and not isinstance(salt, str):
             raise Unsupported("cache_salt is not a string")
-        return PromptKeys(len(ids), block_keys(ids, settings, cache_salt=salt))
+        tokenized = req.endpoint is Endpoint.COMPLETIONS and isinstance(req.prompt, str)
+        return PromptKeys(
+            len(ids), block_keys(ids, settings, cache_salt=salt), ids if tokenized else None
+        )
 
     def prompt_ids(self, req: ClientRequest) -> list[int]:
         """The ids the engine computes for ``req``'s (first) prompt; raises Unsupported."""

@@ -11,6 +11,7 @@ the proxy's counters, never on time alone.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -273,3 +274,62 @@ async def test_a_proxy_hashing_with_the_wrong_seed_sees_it_and_routes_on_load(
         assert all("engine_pythonhashseed" in w for w in warnings)
     finally:
         await proxy.stop()
+
+
+async def test_token_ids_on_the_legs_give_the_aggregated_engines_answers(
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_model: Path,
+    real_prefill: RunningServer,
+    real_decode: RunningServer,
+    real_aggregated: RunningServer,
+) -> None:
+    """routing_tokenizer.send_token_ids: the proxy tokenizes a text completion once and both
+    legs carry the ids. The answer is the one the aggregated engine gives the text, streamed
+    or not, prompt token count included."""
+    monkeypatch.setenv("PDSERVE_KV_SECRET", KV_SECRET)
+    proxy = await _started(
+        [real_prefill],
+        [real_decode],
+        routing_tokenizer={"model_dir": str(tiny_model), "send_token_ids": True},
+    )
+    words = " ".join(f"{w} river stone" for w in ("amber", "cobalt", "silver", "umber") * 12)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for stream in (False, True):
+                body = {
+                    "model": MODEL_NAME,
+                    "prompt": words,
+                    "max_tokens": 8,
+                    "temperature": 0,
+                    "stream": stream,
+                }
+                answers = []
+                for url in (proxy.url, real_aggregated.url):
+                    async with http.post(url + "/v1/completions", json=body) as response:
+                        assert response.status == 200
+                        answers.append(await response.read())
+                if stream:
+                    texts = [_streamed_text(a) for a in answers]
+                else:
+                    texts = [json.loads(a)["choices"][0]["text"] for a in answers]
+                    usages = [json.loads(a)["usage"]["prompt_tokens"] for a in answers]
+                    assert usages[0] == usages[1] > 3 * BLOCK
+                assert texts[0] == texts[1], texts
+        render = proxy.metrics.render().decode()
+        assert metric_value(render, "pdserve_routing_tokenize_seconds_count") == 2
+        labels = {"endpoint": "completions", "model": MODEL_NAME, "status": "200"}
+        assert metric_value(render, "pdserve_requests_total", path="disaggregated", **labels) == 2
+    finally:
+        await proxy.stop()
+
+
+def _streamed_text(body: bytes) -> str:
+    parts = []
+    for block in body.split(b"\n\n"):
+        block = block.strip()
+        if not block.startswith(b"data: ") or block == b"data: [DONE]":
+            continue
+        chunk = json.loads(block[len(b"data: ") :])
+        assert "error" not in chunk, chunk
+        parts += [choice["text"] for choice in chunk["choices"]]
+    return "".join(parts)

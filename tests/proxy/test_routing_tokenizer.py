@@ -238,3 +238,48 @@ async def test_kv_cache_tokenizes_once_per_request(
     [*_, d_leg] = decode.generate_requests()
     field = "prompt" if path == COMPLETIONS else "messages"
     assert d_leg.body[field] == body[field] and "prompt_token_ids" not in d_leg.body
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "carried"),
+    [
+        (COMPLETIONS, {}, True),
+        (COMPLETIONS, {"echo": True}, False),  # the engine would echo the ids' text
+        (CHAT, {}, False),  # vLLM's chat API takes no token ids
+    ],
+)
+async def test_send_token_ids_puts_the_proxys_ids_on_both_legs(
+    make_proxy: ProxyFactory,
+    prefill: FakeWorker,
+    decode: FakeWorker,
+    http: aiohttp.ClientSession,
+    tiny_model: Path,
+    routing_tokenizer: RoutingTokenizer,
+    path: str,
+    extra: dict[str, object],
+    carried: bool,
+) -> None:
+    proxy = await make_proxy(
+        [prefill],
+        [decode],
+        prefill_policy={"name": "kv_cache"},
+        decode_policy={"name": "kv_cache"},
+        routing_tokenizer={"model_dir": str(tiny_model), "send_token_ids": True},
+    )
+    assert proxy.hash_settings is not None
+    labels = {"block_size": "4", "prefix_caching_hash_algo": "sha256"}
+    for instance in proxy.registry.instances():
+        proxy.hash_settings.learn(instance, labels)
+    text = "tell me a story about a cat"
+    body = openai_body(path, False, text, **extra)
+    async with http.post(proxy.url + path, json=body) as response:
+        assert response.status == 200
+    legs = [*prefill.generate_requests(), *decode.generate_requests()]
+    assert len(legs) == 2
+    field = "prompt" if path == COMPLETIONS else "messages"
+    for leg in legs:
+        if carried:
+            assert leg.body["prompt"] == routing_tokenizer.encode_completion(text)
+        else:
+            assert leg.body[field] == body[field]
+        assert leg.body.get("echo") == extra.get("echo")
