@@ -128,6 +128,14 @@ class Started:
     stopper: Callable[[subprocess.Popen[bytes]], object] | None = None
     spec: WorkerSpec | None = None  # an engine's, for what the proxy must know of it
 
+    def raise_if_exited(self, during: str = "") -> None:
+        """BenchError naming the process, its exit status and its log, once it has exited."""
+        if self.process.poll() is not None:
+            raise BenchError(
+                f"{self.name} exited with status {self.process.returncode}"
+                f"{' ' + during if during else ''} (log: {self.log_path})"
+            )
+
     def log_tail(self, lines: int = 25) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -328,11 +336,7 @@ def wait_serving(started: Started, probe: dict[str, Any], timeout_s: float) -> N
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
-        if started.process.poll() is not None:
-            raise BenchError(
-                f"{started.name} exited with status {started.process.returncode} "
-                f"(log: {started.log_path})"
-            )
+        started.raise_if_exited()
         try:
             answer = json.loads(_http(started.url + "/v1/completions", probe, timeout_s=60.0))
             if answer.get("choices"):
@@ -750,11 +754,7 @@ def measure_rate(
     slo = (args.ttft_slo_ms, args.tpot_slo_ms)
     point = rate_point(setup, dataset, run, result, delta, slo, load_1m)
     for started in (*engines, proxy):
-        if started.process.poll() is not None:
-            raise BenchError(
-                f"{started.name} exited with status {started.process.returncode} "
-                f"during the {setup.name} runs (log: {started.log_path})"
-            )
+        started.raise_if_exited(f"during the {setup.name} runs")
     return point
 
 
@@ -1106,11 +1106,38 @@ def _share(text: str) -> float:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
+    """The options of a benchmark that starts vLLM engines on two cores behind pdserve
+    proxies and writes a JSON report: the model, the engines, timeouts, logs and output."""
     from deploy.tiny_model import add_model_arguments
 
     add_model_arguments(parser, default_preset="small")
     parser.add_argument("--served-model-name", default="pdserve-bench")
+    parser.add_argument("--cores", type=core_pair, default=(0, 1), help="two cores (default 0,1)")
+    parser.add_argument("--request-timeout", type=_positive, default=300.0, help="seconds")
+    parser.add_argument(
+        "--startup-timeout", type=_positive, default=600.0, help="seconds per engine start"
+    )
+    parser.add_argument("--kv-cache-gib", type=_positive_int, default=1)
+    parser.add_argument("--block-size", type=_positive_int, default=128)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="keep the engines', proxies' and vllm bench's logs here (default: a temporary "
+        "directory, removed after a successful run)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=default_out,
+        help=f"JSON report (default {default_out}); the plot goes next to it",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser, DEFAULT_OUT)
     parser.add_argument(
         "--rates",
         type=rate_list,
@@ -1133,7 +1160,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=gp.DEFAULT_ATTAINMENT,
         help="share of requests that must meet both SLOs (default 0.9)",
     )
-    parser.add_argument("--cores", type=core_pair, default=(0, 1), help="two cores (default 0,1)")
     parser.add_argument(
         "--wide", action="store_true", help="also measure one aggregated engine on both cores"
     )
@@ -1142,31 +1168,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a smoke run: tiny model, one rate, a few short requests",
     )
-    parser.add_argument("--request-timeout", type=_positive, default=300.0, help="seconds")
-    parser.add_argument(
-        "--startup-timeout", type=_positive, default=600.0, help="seconds per engine start"
-    )
-    parser.add_argument("--kv-cache-gib", type=_positive_int, default=1)
-    parser.add_argument("--block-size", type=_positive_int, default=128)
-    parser.add_argument("--dtype", default="auto")
     parser.add_argument(
         "--max-model-len",
         type=_positive_int,
         default=None,
         help="default: the longest prompt plus the longest output, rounded up to a block",
-    )
-    parser.add_argument(
-        "--log-dir",
-        type=Path,
-        default=None,
-        help="keep the engines', proxy's and vllm bench's logs here (default: a temporary "
-        "directory, removed after a successful run)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help=f"JSON report (default {DEFAULT_OUT}); the plot goes next to it",
     )
     parser.add_argument(
         "--profile-out",

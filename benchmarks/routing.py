@@ -63,8 +63,8 @@ from benchmarks.pd_vs_aggregated import (
     _http,
     _positive,
     _positive_int,
+    add_engine_arguments,
     check_cores_and_linux,
-    core_pair,
     counter_delta,
     metric_sum,
     run_in_workdir,
@@ -399,11 +399,7 @@ def reset_prefix_caches(engines: Sequence[Started], timeout_s: float) -> None:
                 answer = {"error": str(exc)}
             if answer.get("success") is True:
                 break
-            if engine.process.poll() is not None:
-                raise BenchError(
-                    f"{engine.name} exited with status {engine.process.returncode} "
-                    f"(log: {engine.log_path})"
-                )
+            engine.raise_if_exited()
             if time.monotonic() >= deadline:
                 hint = (
                     " (is VLLM_SERVER_DEV_MODE=1 set?)"
@@ -487,11 +483,7 @@ def measure(
             e.name: counter_delta(engines_before[e.name], read_engine_counters(e)) for e in engines
         }
         for started in (*engines, proxy):
-            if started.process.poll() is not None:
-                raise BenchError(
-                    f"{started.name} exited with status {started.process.returncode} "
-                    f"(log: {started.log_path})"
-                )
+            started.raise_if_exited()
     finally:
         processes.stop(proxy)
     short = {
@@ -719,10 +711,7 @@ def variant_list(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deploy.tiny_model import add_model_arguments
-
-    add_model_arguments(parser, default_preset="small")
-    parser.add_argument("--served-model-name", default="pdserve-bench")
+    add_engine_arguments(parser, DEFAULT_OUT)
     parser.add_argument("--rate", type=_positive, default=DEFAULT_RATE, help="req/s, Poisson")
     parser.add_argument("--num-prompts", type=_positive_int, default=DEFAULT_NUM_PROMPTS)
     parser.add_argument(
@@ -749,7 +738,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prefill_bypass.max_uncached_tokens of kv_cache+bypass (default: the suffix "
         "length plus one block, so a decode caching the prefix serves the request whole)",
     )
-    parser.add_argument("--cores", type=core_pair, default=(0, 1), help="two cores (default 0,1)")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: tiny model, a few short requests"
     )
@@ -762,31 +750,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ttft-slo-ms", type=_positive, default=2000.0, help=argparse.SUPPRESS)
     parser.add_argument("--tpot-slo-ms", type=_positive, default=50.0, help=argparse.SUPPRESS)
-    parser.add_argument("--request-timeout", type=_positive, default=300.0, help="seconds")
-    parser.add_argument(
-        "--startup-timeout", type=_positive, default=600.0, help="seconds per engine start"
-    )
     parser.add_argument(
         "--reset-timeout",
         type=_positive,
         default=60.0,
         help="seconds to wait for an engine to empty its prefix cache",
-    )
-    parser.add_argument("--kv-cache-gib", type=_positive_int, default=1)
-    parser.add_argument("--block-size", type=_positive_int, default=128)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument(
-        "--log-dir",
-        type=Path,
-        default=None,
-        help="keep the engines', proxies' and vllm bench's logs here (default: a temporary "
-        "directory, removed after a successful run)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help=f"JSON report (default {DEFAULT_OUT}); the plot goes next to it",
     )
 
 

@@ -208,18 +208,6 @@ async def test_abandoned_streams_are_counted_as_the_clients_doing(misbehaving: s
     await load.stop()
 
 
-def test_import_stays_light() -> None:
-    code = (
-        "import sys, benchmarks.faults; "
-        "heavy = [m for m in ('vllm', 'torch', 'ray') if m in sys.modules]; "
-        "sys.exit(f'imported {heavy}' if heavy else 0)"
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
-    )
-    assert completed.returncode == 0, completed.stderr
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_run_on_a_real_cluster(tmp_path: Path) -> None:

@@ -45,18 +45,6 @@ def _args(*argv: str) -> argparse.Namespace:
 # -- command line -----------------------------------------------------------------------------
 
 
-def test_import_stays_light() -> None:
-    code = (
-        "import sys, benchmarks.kv_pull_wait; "
-        "heavy = [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules]; "
-        "sys.exit(f'imported {heavy}' if heavy else 0)"
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
-    )
-    assert completed.returncode == 0, completed.stderr
-
-
 def test_defaults_and_quick() -> None:
     full = _args()
     assert (full.pulls, full.decode_requests, full.warmup) == (40, 20, 3)

@@ -106,13 +106,12 @@ async def subscribed(real_decode_queued: RunningServer) -> AsyncIterator[Subscri
         await subscriber.stop()
 
 
-@pytest.mark.timeout(300)
-async def test_the_index_holds_what_the_engine_cached_under_the_proxys_own_hashes(
-    subscribed: Subscribed,
-) -> None:
-    engine, index, settings = subscribed.engine, subscribed.index, subscribed.settings
-    prompt = _unique_prompt(settings, seed=1)
-    keys = block_keys(prompt, settings)
+async def _cached_and_indexed(subscribed: Subscribed, seed: int) -> list[int]:
+    """A new prompt, computed by the engine, once the index lists every full block of it under
+    the proxy's own hashes (and none before)."""
+    engine, index = subscribed.engine, subscribed.index
+    prompt = _unique_prompt(subscribed.settings, seed)
+    keys = block_keys(prompt, subscribed.settings)
     assert len(keys) == PROMPT_BLOCKS
     assert index.cached_prefix_blocks(engine.url, keys) == 0
     await asyncio.to_thread(_complete, engine, prompt)
@@ -120,6 +119,15 @@ async def test_the_index_holds_what_the_engine_cached_under_the_proxys_own_hashe
         lambda: index.cached_prefix_blocks(engine.url, keys) == PROMPT_BLOCKS,
         "every full block of the prompt indexed under the proxy's hashes",
     )
+    return prompt
+
+
+@pytest.mark.timeout(300)
+async def test_the_index_holds_what_the_engine_cached_under_the_proxys_own_hashes(
+    subscribed: Subscribed,
+) -> None:
+    engine, index, settings = subscribed.engine, subscribed.index, subscribed.settings
+    prompt = await _cached_and_indexed(subscribed, seed=1)
     # A prompt sharing the first half: its first blocks hit, the rest do not.
     half = PROMPT_BLOCKS // 2
     other = prompt[: settings.block_size * half] + _unique_prompt(settings, seed=2)
@@ -135,13 +143,8 @@ async def test_the_index_holds_what_the_engine_cached_under_the_proxys_own_hashe
 async def test_a_prefix_cache_reset_empties_the_instance_in_the_index(
     subscribed: Subscribed,
 ) -> None:
-    engine, index, settings = subscribed.engine, subscribed.index, subscribed.settings
-    prompt = _unique_prompt(settings, seed=3)
-    keys = block_keys(prompt, settings)
-    await asyncio.to_thread(_complete, engine, prompt)
-    await _until(
-        lambda: index.cached_prefix_blocks(engine.url, keys) == PROMPT_BLOCKS, "prompt indexed"
-    )
+    engine, index = subscribed.engine, subscribed.index
+    prompt = await _cached_and_indexed(subscribed, seed=3)
     deadline = asyncio.get_running_loop().time() + WAIT_S
     while not await asyncio.to_thread(_reset_prefix_cache, engine):
         assert asyncio.get_running_loop().time() < deadline, "the engine kept refusing the reset"
@@ -153,4 +156,4 @@ async def test_a_prefix_cache_reset_empties_the_instance_in_the_index(
         lambda: index.stats().instances[engine.url].blocks == 0,
         "AllBlocksCleared applied: the instance holds nothing in the index",
     )
-    assert index.cached_prefix_blocks(engine.url, keys) == 0
+    assert index.cached_prefix_blocks(engine.url, block_keys(prompt, subscribed.settings)) == 0

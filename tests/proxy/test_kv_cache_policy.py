@@ -108,6 +108,21 @@ def test_ties_go_to_fewer_requests_then_rotate() -> None:
     assert chosen == {instances[1].url, instances[2].url}
 
 
+def route_hot_prefix(policy: KVCachePolicy, instances: list[Instance]) -> list[Instance]:
+    """100 requests of one prompt, none finishing; each choice within the load bound, and
+    no instance above ceil(1.25 x 100 / 4) at the end. The instances chosen, in order."""
+    chosen = []
+    for _ in range(100):
+        capacity = policy.capacity(instances)
+        instance = policy.select(instances, request())
+        assert instance.in_flight_requests + 1 <= capacity
+        instance.in_flight_requests += 1
+        instance.in_flight_tokens += 1016
+        chosen.append(instance)
+    assert max(i.in_flight_requests for i in instances) <= -(-125 // 4)
+    return chosen
+
+
 def test_a_hot_prefix_is_bounded_but_mostly_lands_on_cachers() -> None:
     """100 requests of one prefix over 4 instances, two of them caching it, none finishing."""
     instances = pool(4)
@@ -117,16 +132,7 @@ def test_a_hot_prefix_is_bounded_but_mostly_lands_on_cachers() -> None:
         index.blocks[url] = set(KEYS)
     # The index alone: routed prefixes (pending_s) would make every instance a cacher.
     policy = bound_policy(index, hit_weight=1.0, load_weight=0.01, epsilon=0.25, pending_s=0)
-    on_cachers = 0
-    for _ in range(100):
-        capacity = policy.capacity(instances)
-        chosen = policy.select(instances, request())
-        assert chosen.in_flight_requests + 1 <= capacity
-        chosen.in_flight_requests += 1
-        chosen.in_flight_tokens += 1016
-        on_cachers += chosen.url in cachers
-    final_bound = -(-125 // 4)  # ceil(1.25 x 100 / 4)
-    assert max(i.in_flight_requests for i in instances) <= final_bound
+    on_cachers = sum(chosen.url in cachers for chosen in route_hot_prefix(policy, instances))
     assert on_cachers > 50, on_cachers
     # Without the bound every request would have gone to the cachers.
     assert on_cachers < 100
@@ -169,13 +175,8 @@ def test_a_hot_new_prefix_stays_bounded_with_routed_prefixes() -> None:
     first went until the bound sends the rest elsewhere (where the prefix is then computed)."""
     instances = pool(4)
     policy = bound_policy(FakeIndex(), hit_weight=1.0, load_weight=0.01, epsilon=0.25)
-    for _ in range(100):
-        capacity = policy.capacity(instances)
-        chosen = policy.select(instances, request())
-        assert chosen.in_flight_requests + 1 <= capacity
-        chosen.in_flight_requests += 1
-        chosen.in_flight_tokens += 1016
-    assert max(i.in_flight_requests for i in instances) <= -(-125 // 4)
+    first, *_ = route_hot_prefix(policy, instances)
+    assert first.in_flight_requests == max(i.in_flight_requests for i in instances)
 
 
 def test_loads_by_bare_name_with_options() -> None:

@@ -12,11 +12,12 @@ import aiohttp
 import orjson
 import pytest
 from conftest import ProxyFactory
-from proxy_helpers import CHAT, COMPLETIONS, openai_body
+from proxy_helpers import CHAT, COMPLETIONS, openai_body, wait_for
 
 from benchmarks.fake_worker import FakeWorker
 from proxy.block_hashes import HashSettings, block_keys
 from proxy.request import Endpoint, parse_client_request
+from proxy.server import ProxyServer
 from proxy.tokenizer import RoutingTokenizer
 
 SETTINGS = HashSettings(4, "sha256", "vllm-none-hash")
@@ -203,6 +204,27 @@ async def test_default_policies_never_tokenize(
     assert b"pdserve_routing_tokenize_seconds" not in proxy.metrics.render()
 
 
+async def kv_cache_proxy(
+    make_proxy: ProxyFactory,
+    prefill: FakeWorker,
+    decode: FakeWorker,
+    tokenizer: dict[str, object],
+) -> ProxyServer:
+    """A proxy routing both pools with kv_cache, once it has read the workers' hash settings
+    from their /metrics (until then it would route on load and tokenize nothing)."""
+    proxy = await make_proxy(
+        [prefill],
+        [decode],
+        prefill_policy={"name": "kv_cache"},
+        decode_policy={"name": "kv_cache", "options": {"epsilon": 0.5}},
+        routing_tokenizer=tokenizer,
+    )
+    probe = proxy.hash_settings
+    assert probe is not None
+    await wait_for(lambda: all(probe.settings_for(w.url) for w in (prefill, decode)), 5.0)
+    return proxy
+
+
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
 async def test_kv_cache_tokenizes_once_per_request(
     make_proxy: ProxyFactory,
@@ -214,19 +236,10 @@ async def test_kv_cache_tokenizes_once_per_request(
     path: str,
 ) -> None:
     calls = _count_calls(monkeypatch)
-    proxy = await make_proxy(
-        [prefill],
-        [decode],
-        prefill_policy={"name": "kv_cache"},
-        decode_policy={"name": "kv_cache", "options": {"epsilon": 0.5}},
-        routing_tokenizer={"model_dir": str(tiny_model), "workers": 1},
+    proxy = await kv_cache_proxy(
+        make_proxy, prefill, decode, {"model_dir": str(tiny_model), "workers": 1}
     )
     assert proxy.routing_tokenizer is not None and proxy.routing_tokenizer.loaded
-    assert proxy.hash_settings is not None
-    # The engine's settings as its /metrics would give them (the fake workers have none).
-    labels = {"block_size": "4", "prefix_caching_hash_algo": "sha256"}
-    for instance in proxy.registry.instances():
-        proxy.hash_settings.learn(instance, labels)
     for _ in range(3):
         body = openai_body(path, False, "tell me a story about a cat")
         async with http.post(proxy.url + path, json=body) as response:
@@ -259,17 +272,9 @@ async def test_send_token_ids_puts_the_proxys_ids_on_both_legs(
     extra: dict[str, object],
     carried: bool,
 ) -> None:
-    proxy = await make_proxy(
-        [prefill],
-        [decode],
-        prefill_policy={"name": "kv_cache"},
-        decode_policy={"name": "kv_cache"},
-        routing_tokenizer={"model_dir": str(tiny_model), "send_token_ids": True},
+    proxy = await kv_cache_proxy(
+        make_proxy, prefill, decode, {"model_dir": str(tiny_model), "send_token_ids": True}
     )
-    assert proxy.hash_settings is not None
-    labels = {"block_size": "4", "prefix_caching_hash_algo": "sha256"}
-    for instance in proxy.registry.instances():
-        proxy.hash_settings.learn(instance, labels)
     text = "tell me a story about a cat"
     body = openai_body(path, False, text, **extra)
     async with http.post(proxy.url + path, json=body) as response:
